@@ -1,0 +1,45 @@
+package kleidi
+
+import "errors"
+
+// Version is the version of this module, reported by the KMS plugin and in build information.
+const Version = "0.1.0"
+
+// Limits of the formats of this package.
+const (
+	// KeySize is the size in bytes of a key-encryption key (AES-256).
+	KeySize = 32
+	// MaxKeyIDSize is the longest key ID, in bytes.
+	MaxKeyIDSize = 128
+	// MaxPlaintextSize is the largest plaintext [Envelope.Encrypt] accepts: 1 MiB, the size of the largest
+	// Kubernetes object.
+	MaxPlaintextSize = 1 << 20
+	// MaxWrappedKeySize is the largest wrapped KEK a provider may produce or a keyring may hold.
+	MaxWrappedKeySize = 16 << 10
+	// MaxProviderNameSize is the longest provider name.
+	MaxProviderNameSize = 16
+)
+
+// Sentinel errors. Errors returned by this module wrap one of them with the operation for context; compare with
+// [errors.Is].
+var (
+	// ErrInvalidCiphertext means the bytes are not a ciphertext of a format this package knows.
+	ErrInvalidCiphertext = errors.New("kleidi: invalid ciphertext")
+	// ErrDecrypt means authentication failed: the ciphertext, its key or its associated data was altered.
+	ErrDecrypt = errors.New("kleidi: decryption failed")
+	// ErrUnknownKey means the ciphertext names a key that is neither in the keyring nor attached to it.
+	ErrUnknownKey = errors.New("kleidi: unknown key")
+	// ErrKeyMismatch means a wrapped key unwrapped to a key whose identity is not the key ID it claimed.
+	ErrKeyMismatch = errors.New("kleidi: key does not match its key ID")
+	// ErrUnwrap means the provider refused to unwrap a key: it was wrapped by another root of trust,
+	// tampered with, or the root's policy (a PCR, a passphrase) no longer allows it.
+	ErrUnwrap = errors.New("kleidi: unwrap refused")
+	// ErrUnavailable means the root of trust cannot be reached now (a TPM that went away); retrying later may work.
+	ErrUnavailable = errors.New("kleidi: root of trust unavailable")
+	// ErrInvalidKeyring means a keyring is truncated, corrupt or of a version this package does not know.
+	ErrInvalidKeyring = errors.New("kleidi: invalid keyring")
+	// ErrTooLarge means an input exceeds a limit of this package.
+	ErrTooLarge = errors.New("kleidi: input too large")
+	// ErrClosed means the provider was closed.
+	ErrClosed = errors.New("kleidi: provider closed")
+)
