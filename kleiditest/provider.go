@@ -62,6 +62,12 @@ func NewInsecureProvider() *Provider {
 	if _, err := rand.Read(root); err != nil {
 		panic(err)
 	}
+	return NewInsecureProviderWithRoot(root)
+}
+
+// NewInsecureProviderWithRoot returns a Provider named "insecure" whose root key is root (32 bytes), so that
+// several processes of a test share one root of trust.
+func NewInsecureProviderWithRoot(root []byte) *Provider {
 	block, err := aes.NewCipher(root)
 	if err != nil {
 		panic(err)

@@ -231,3 +231,11 @@ func requireTool(t testing.TB, name, pkg string) string {
 }
 
 var errNotYet = errors.New("not yet")
+
+func dialTCP(addr string) error {
+	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return err
+	}
+	return conn.Close()
+}

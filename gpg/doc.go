@@ -1,0 +1,44 @@
+// Package gpg is a [kleidi.Provider] whose root of trust is an OpenPGP key: for development, for CI, and for
+// teams whose key management is already OpenPGP.
+//
+// Wrap encrypts a key-encryption key to one or more OpenPGP public keys and returns a binary OpenPGP message;
+// Unwrap decrypts it with a private key. The message is standard: gpg --decrypt decrypts what Wrap made, and
+// Unwrap decrypts what gpg --encrypt made for one of the provider's keys.
+//
+//	p, err := gpg.New(gpg.Config{
+//		PublicKeyFiles: []string{"/etc/kleidi/node-a.pub.asc", "/etc/kleidi/node-b.pub.asc"},
+//		PrivateKeyFile: "/etc/kleidi/node-a.key",
+//		PassphraseFile: "/run/secrets/kleidi-passphrase",
+//	})
+//
+// # Keys
+//
+// Key files are what GnuPG exports, binary or ASCII-armored: gpg --export (public keys) and
+// gpg --export-secret-keys (private keys), with or without --armor. Version 4 keys (RSA of 2048 bits or more,
+// Ed25519 with a Curve25519 subkey, NIST and Brainpool curves) and version 6 keys of RFC 9580 (Ed25519 and
+// X25519, Ed448 and X448) work. [New] checks every key at once and names the file, the key and the problem:
+// expired, revoked, no encryption subkey, a public key where a private key is needed, a protected private key
+// without its passphrase or with a wrong one, or a file that holds no key at all. See [ErrKeyExpired] and the
+// other errors of this package. A key that is valid at start keeps unwrapping when it expires later, but Wrap
+// then refuses it: extend it (gpg --quick-set-expire) and export it again.
+//
+// # Passphrases
+//
+// A protected private key is unlocked once, by New, with the passphrase from a file ([Config.PassphraseFile],
+// for example a mounted Kubernetes Secret) or from an environment variable ([Config.PassphraseEnv] names the
+// variable). There is deliberately no way to pass a passphrase on a command line. Close zeroes the unlocked key
+// material that go-crypto exposes.
+//
+// # Several recipients
+//
+// With several public key files, Wrap encrypts each key to all of them, and any one of the private keys
+// unwraps: a highly available control plane gives each node its own key pair, every node lists all public
+// keys, and each node holds only its own private key. To add a recipient, add its public key file to every node
+// and re-wrap the existing keys (kleidi.Envelope.Rewrap) with a provider that holds a private key that already
+// unwraps them; key IDs do not change, so existing ciphertexts stay readable.
+//
+// # Development key
+//
+// [GenerateDevelopmentKey] writes an unprotected key pair to a directory and returns the Config that loads it.
+// It is for development and tests only, and a program that uses it says so in its log.
+package gpg

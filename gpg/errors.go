@@ -1,0 +1,48 @@
+package gpg
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Errors returned by [New] and [GenerateDevelopmentKey] wrap one of these, with the file, the key and the
+// problem for context; compare with [errors.Is]. Errors of Wrap, Unwrap and Health wrap the sentinel errors of
+// package kleidi instead (kleidi.ErrUnwrap, kleidi.ErrClosed), and ErrNoPrivateKey where it applies.
+var (
+	// ErrInvalidKey means a file holds no OpenPGP key this package can read (garbage, a truncated file, an
+	// unsupported or weak algorithm, a key without a valid self-signature), or Config is inconsistent.
+	ErrInvalidKey = errors.New("gpg: invalid key")
+	// ErrKeyExpired means a key, or every encryption subkey it has, is past its expiration date.
+	ErrKeyExpired = errors.New("gpg: key expired")
+	// ErrKeyRevoked means a key, or every encryption subkey it has, is revoked.
+	ErrKeyRevoked = errors.New("gpg: key revoked")
+	// ErrNoEncryptionKey means a key has no valid key or subkey that may encrypt (a signing-only key).
+	ErrNoEncryptionKey = errors.New("gpg: no encryption key")
+	// ErrNotPrivateKey means a file that must hold a private key holds only a public key, or only stubs of
+	// private keys (as gpg --export-secret-subkeys writes for the primary key).
+	ErrNotPrivateKey = errors.New("gpg: not a private key")
+	// ErrPassphraseRequired means a private key is protected by a passphrase and Config names none.
+	ErrPassphraseRequired = errors.New("gpg: passphrase required")
+	// ErrWrongPassphrase means the passphrase does not decrypt the private key.
+	ErrWrongPassphrase = errors.New("gpg: wrong passphrase")
+	// ErrNoPrivateKey means the provider was made without Config.PrivateKeyFile: it wraps but cannot unwrap.
+	ErrNoPrivateKey = errors.New("gpg: no private key configured")
+)
+
+// keyError is an error about one key file. Its message names the file, the key and the problem, and leaves out
+// the text of the sentinel it wraps, which would only repeat the problem.
+type keyError struct {
+	file   string
+	key    string // "0x" and the long key ID of the primary key, or "" when no key could be read
+	reason string // what is wrong, without key material
+	err    error  // the sentinel
+}
+
+func (e *keyError) Error() string {
+	if e.key == "" {
+		return fmt.Sprintf("gpg: key file %s: %s", e.file, e.reason)
+	}
+	return fmt.Sprintf("gpg: key file %s: key %s %s", e.file, e.key, e.reason)
+}
+
+func (e *keyError) Unwrap() error { return e.err }

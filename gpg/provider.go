@@ -1,0 +1,282 @@
+package gpg
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	pgperrors "github.com/ProtonMail/go-crypto/openpgp/errors"
+	"github.com/ProtonMail/go-crypto/openpgp/packet"
+	v2 "github.com/ProtonMail/go-crypto/openpgp/v2"
+
+	"github.com/kleidi-kms/kleidi"
+)
+
+// MaxKeySize is the largest key Wrap accepts, in bytes. A KEK is [kleidi.KeySize] bytes.
+const MaxKeySize = 1024
+
+// Config names the files of an OpenPGP [Provider]. Every path is read once, by [New].
+type Config struct {
+	// PublicKeyFiles are the recipients: Wrap encrypts to every key in every file, and any one of their private
+	// keys unwraps. A file may hold several keys. If empty, the keys of PrivateKeyFile are the recipients.
+	PublicKeyFiles []string
+	// PrivateKeyFile holds the private key Unwrap decrypts with (gpg --export-secret-keys). Optional: without it
+	// the provider only wraps, and Unwrap and Health fail with an error wrapping [ErrNoPrivateKey]. If
+	// PublicKeyFiles is set, the private key must be one of the recipients.
+	PrivateKeyFile string
+	// PassphraseFile is a file whose content (without one trailing newline) is the passphrase of a protected
+	// private key.
+	PassphraseFile string
+	// PassphraseEnv is the name of an environment variable that holds the passphrase of a protected private
+	// key. At most one of PassphraseFile and PassphraseEnv is set.
+	PassphraseEnv string
+}
+
+// Provider is a [kleidi.Provider] whose root of trust is an OpenPGP key: Wrap encrypts a key to one or more
+// OpenPGP public keys, Unwrap decrypts it with a private key. It is safe for concurrent use.
+type Provider struct {
+	recipients  []*v2.Entity
+	fingerprint []string
+
+	mu      sync.Mutex // serialises go-crypto calls, which cache signature checks in the keys, and Close
+	private v2.EntityList
+	closed  bool
+}
+
+var _ kleidi.Provider = (*Provider)(nil)
+
+// maxDecompressed bounds what a compressed message (gpg compresses by default) may expand to.
+var maxDecompressed int64 = MaxKeySize + 1
+
+// pgpConfig is the go-crypto configuration of every operation: AES-256, no compression, and the defaults of
+// go-crypto for the rest (SEIPDv2 with AEAD only when every recipient announces it, as RFC 9580 keys do; the
+// integrity-protected SEIPDv1 that every GnuPG decrypts otherwise).
+var pgpConfig = &packet.Config{
+	DefaultCipher:              packet.CipherAES256,
+	DefaultCompressionAlgo:     packet.CompressionNone,
+	MaxDecompressedMessageSize: &maxDecompressed,
+}
+
+// New loads the keys c names and checks them now: every recipient must be valid (not expired, not revoked,
+// with a key that may encrypt), and the private key, if any, must be a private key that the passphrase
+// unlocks. Errors name the file and the key and wrap [ErrInvalidKey], [ErrKeyExpired], [ErrKeyRevoked],
+// [ErrNoEncryptionKey], [ErrNotPrivateKey], [ErrPassphraseRequired] or [ErrWrongPassphrase]; they never
+// contain a passphrase or key material.
+func New(c Config) (*Provider, error) {
+	if len(c.PublicKeyFiles) == 0 && c.PrivateKeyFile == "" {
+		return nil, errors.New("gpg: Config names no key: set PublicKeyFiles, PrivateKeyFile or both")
+	}
+	now := time.Now()
+	p := &Provider{}
+	ok := false
+	defer func() {
+		if !ok {
+			p.forget()
+		}
+	}()
+
+	if c.PrivateKeyFile != "" {
+		passphrase, err := readPassphrase(c)
+		if err != nil {
+			return nil, err
+		}
+		defer clear(passphrase)
+		keys, err := readKeyFile(c.PrivateKeyFile)
+		if err != nil {
+			return nil, err
+		}
+		p.private = keys
+		for _, e := range keys {
+			if err := checkEncryptionKey(c.PrivateKeyFile, e, now, pgpConfig); err != nil {
+				return nil, err
+			}
+			if err := unlockPrivateKey(c.PrivateKeyFile, e, passphrase, pgpConfig); err != nil {
+				return nil, err
+			}
+		}
+	} else if c.PassphraseFile != "" || c.PassphraseEnv != "" {
+		return nil, errors.New("gpg: Config sets a passphrase but no PrivateKeyFile")
+	}
+
+	seen := make(map[string]bool)
+	add := func(e *v2.Entity) {
+		if fp := fingerprint(e); !seen[fp] {
+			seen[fp] = true
+			p.recipients = append(p.recipients, e)
+			p.fingerprint = append(p.fingerprint, fp)
+		}
+	}
+	if len(c.PublicKeyFiles) == 0 {
+		for _, e := range p.private {
+			add(e)
+		}
+	}
+	for _, path := range c.PublicKeyFiles {
+		keys, err := readKeyFile(path)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range keys {
+			dropPrivateKeys(e) // a recipient needs only its public key
+			if err := checkEncryptionKey(path, e, now, pgpConfig); err != nil {
+				return nil, err
+			}
+			add(e)
+		}
+	}
+	if len(p.private) > 0 && len(c.PublicKeyFiles) > 0 {
+		held := false
+		for _, e := range p.private {
+			held = held || seen[fingerprint(e)]
+		}
+		if !held {
+			return nil, fmt.Errorf("gpg: key file %s: key %s is not among the recipients (%s): this provider could not unwrap what it wraps: %w",
+				c.PrivateKeyFile, describe(p.private), describe(p.recipients), ErrInvalidKey)
+		}
+	}
+
+	// Wrap a key once, so that a recipient go-crypto cannot encrypt to, or too many recipients for
+	// kleidi.MaxWrappedKeySize, fail here rather than at the first rotation.
+	probe := make([]byte, kleidi.KeySize)
+	rand.Read(probe)
+	if _, err := p.Wrap(context.Background(), probe); err != nil {
+		return nil, fmt.Errorf("gpg: recipients %s: %w: %w", describe(p.recipients), ErrInvalidKey, err)
+	}
+	ok = true
+	return p, nil
+}
+
+// Name returns "gpg".
+func (p *Provider) Name() string { return "gpg" }
+
+// Recipients returns the fingerprints of the primary keys Wrap encrypts to, in upper-case hex as gpg prints
+// them. They are public; a program may log them.
+func (p *Provider) Recipients() []string { return append([]string(nil), p.fingerprint...) }
+
+// Wrap encrypts key (1 to [MaxKeySize] bytes) to every recipient as a binary OpenPGP message, which
+// gpg --decrypt also decrypts.
+func (p *Provider) Wrap(ctx context.Context, key []byte) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("gpg: wrap: %w", err)
+	}
+	if len(key) == 0 {
+		return nil, errors.New("gpg: wrap: empty key")
+	}
+	if len(key) > MaxKeySize {
+		return nil, fmt.Errorf("gpg: wrap: key of %d bytes, want at most %d: %w", len(key), MaxKeySize, kleidi.ErrTooLarge)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, fmt.Errorf("gpg: wrap: %w", kleidi.ErrClosed)
+	}
+	var buf bytes.Buffer
+	w, err := v2.EncryptWithParams(&buf, p.recipients, nil, &v2.EncryptParams{Config: pgpConfig})
+	if err != nil {
+		return nil, fmt.Errorf("gpg: wrap: %w", err)
+	}
+	if _, err := w.Write(key); err != nil {
+		return nil, fmt.Errorf("gpg: wrap: %w", err)
+	}
+	if err := w.Close(); err != nil {
+		return nil, fmt.Errorf("gpg: wrap: %w", err)
+	}
+	if buf.Len() > kleidi.MaxWrappedKeySize {
+		return nil, fmt.Errorf("gpg: wrap: %d bytes wrapped to %d recipients, more than %d: %w",
+			buf.Len(), len(p.recipients), kleidi.MaxWrappedKeySize, kleidi.ErrTooLarge)
+	}
+	return buf.Bytes(), nil
+}
+
+// Unwrap decrypts a key wrapped by Wrap, or by gpg --encrypt to one of the provider's keys. The blob must be
+// a binary OpenPGP message of public-key encrypted session keys and integrity-protected data, and nothing
+// after it. Every refusal wraps [kleidi.ErrUnwrap].
+func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("gpg: unwrap: %w", err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.closed:
+		return nil, fmt.Errorf("gpg: unwrap: %w", kleidi.ErrClosed)
+	case p.private == nil:
+		return nil, fmt.Errorf("gpg: unwrap: %w: %w", ErrNoPrivateKey, kleidi.ErrUnwrap)
+	case len(wrapped) == 0:
+		return nil, fmt.Errorf("gpg: unwrap: empty blob: %w", kleidi.ErrUnwrap)
+	case len(wrapped) > kleidi.MaxWrappedKeySize:
+		return nil, fmt.Errorf("gpg: unwrap: blob of %d bytes, more than %d: %w: %w",
+			len(wrapped), kleidi.MaxWrappedKeySize, kleidi.ErrTooLarge, kleidi.ErrUnwrap)
+	}
+	recipients, err := parseMessage(wrapped)
+	if err != nil {
+		return nil, fmt.Errorf("gpg: unwrap: not a wrapped key: %v: %w", err, kleidi.ErrUnwrap)
+	}
+	md, err := v2.ReadMessage(bytes.NewReader(wrapped), p.private, nil, pgpConfig)
+	if errors.Is(err, pgperrors.ErrKeyIncorrect) {
+		return nil, fmt.Errorf("gpg: unwrap: encrypted to %s; no private key here decrypts it: %w",
+			strings.Join(recipients, ", "), kleidi.ErrUnwrap)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("gpg: unwrap: %v: %w", err, kleidi.ErrUnwrap)
+	}
+	if !md.IsEncrypted || md.DecryptedWith.Entity == nil {
+		return nil, fmt.Errorf("gpg: unwrap: message not decrypted with a private key: %w", kleidi.ErrUnwrap)
+	}
+	// Reading to the end checks the integrity tag; a longer body is no key of ours.
+	key, err := io.ReadAll(io.LimitReader(md.UnverifiedBody, MaxKeySize+1))
+	switch {
+	case err != nil:
+		clear(key)
+		return nil, fmt.Errorf("gpg: unwrap: %v: %w", err, kleidi.ErrUnwrap)
+	case len(key) == 0:
+		return nil, fmt.Errorf("gpg: unwrap: empty key: %w", kleidi.ErrUnwrap)
+	case len(key) > MaxKeySize:
+		clear(key)
+		return nil, fmt.Errorf("gpg: unwrap: key longer than %d bytes: %w", MaxKeySize, kleidi.ErrUnwrap)
+	}
+	return key, nil
+}
+
+// Health returns nil when the private key is loaded, so that Unwrap works. It returns an error wrapping
+// [ErrNoPrivateKey] for a provider that only wraps, and one wrapping [kleidi.ErrClosed] after Close.
+func (p *Provider) Health(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("gpg: health: %w", err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.closed:
+		return fmt.Errorf("gpg: health: %w", kleidi.ErrClosed)
+	case p.private == nil:
+		return fmt.Errorf("gpg: health: %w: this provider only wraps", ErrNoPrivateKey)
+	}
+	return nil
+}
+
+// Close zeroes the private key material go-crypto exposes and forgets the keys. Later calls fail with an error
+// wrapping [kleidi.ErrClosed]. Close is idempotent.
+func (p *Provider) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed {
+		p.closed = true
+		p.forget()
+	}
+	return nil
+}
+
+func (p *Provider) forget() {
+	for _, e := range p.private {
+		dropPrivateKeys(e)
+	}
+	p.private = nil
+	p.recipients = nil
+}

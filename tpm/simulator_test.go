@@ -1,0 +1,429 @@
+//go:build cgo
+
+package tpm
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/kleiditest"
+)
+
+// newSimProvider returns a provider on a fresh in-process simulator, closed at the end of the test.
+func newSimProvider(t testing.TB, cfg Config) *Provider {
+	t.Helper()
+	cfg.Path = SimulatorPath
+	p, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("New(ctx, %+v) err = %v, want nil", cfg, err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+// withTPM runs f on the provider's connection under its lock.
+func withTPM(t testing.TB, p *Provider, f func(t transport.TPM)) {
+	t.Helper()
+	p.sem <- struct{}{}
+	defer func() { <-p.sem }()
+	if p.tpm == nil {
+		t.Fatalf("provider has no TPM connection")
+	}
+	f(p.tpm)
+}
+
+// sim returns the in-process simulator behind p.
+func sim(t testing.TB, p *Provider) *simTPM {
+	t.Helper()
+	var s *simTPM
+	withTPM(t, p, func(tp transport.TPM) {
+		c, ok := tp.(*simTPM)
+		if !ok {
+			t.Fatalf("provider transport is %T, want *simTPM", tp)
+		}
+		s = c
+	})
+	return s
+}
+
+func randomKey(t testing.TB) []byte {
+	t.Helper()
+	key := make([]byte, kleidi.KeySize)
+	if _, err := rand.Read(key); err != nil {
+		t.Fatal(err)
+	}
+	return key
+}
+
+func wrapUnwrap(t *testing.T, p *Provider) (key, wrapped []byte) {
+	t.Helper()
+	ctx := context.Background()
+	key = randomKey(t)
+	wrapped, err := p.Wrap(ctx, key)
+	if err != nil {
+		t.Fatalf("p.Wrap(ctx, key) err = %v, want nil", err)
+	}
+	got, err := p.Unwrap(ctx, wrapped)
+	if err != nil {
+		t.Fatalf("p.Unwrap(ctx, wrapped) err = %v, want nil", err)
+	}
+	if !bytes.Equal(got, key) {
+		t.Fatalf("p.Unwrap(ctx, p.Wrap(ctx, key)) differs from key")
+	}
+	return key, wrapped
+}
+
+func TestConformanceSimulator(t *testing.T) {
+	kleiditest.TestProvider(t, func(t *testing.T) kleidi.Provider {
+		return newSimProvider(t, Config{})
+	})
+}
+
+func TestConformanceSimulatorPCRAndAuth(t *testing.T) {
+	authFile := writeAuthFile(t, "correct horse\n")
+	kleiditest.TestProvider(t, func(t *testing.T) kleidi.Provider {
+		return newSimProvider(t, Config{PCRs: []int{7, 16}, AuthFile: authFile})
+	})
+}
+
+func writeAuthFile(t *testing.T, content string) string {
+	t.Helper()
+	name := filepath.Join(t.TempDir(), "auth")
+	if err := os.WriteFile(name, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+func TestSimulatorSecondOpenFails(t *testing.T) {
+	newSimProvider(t, Config{})
+	if p, err := New(context.Background(), Config{Path: SimulatorPath}); err == nil {
+		p.Close()
+		t.Fatalf("second New(ctx, simulator) err = nil, want an error")
+	}
+}
+
+// TestReboot: a TPM reset (power cycle) unloads every transient object; the SRK is recreated from the same seed
+// and every key sealed before unwraps after.
+func TestReboot(t *testing.T) {
+	ctx := context.Background()
+	for _, name := range []string{"plain", "pcr+auth"} {
+		t.Run(name, func(t *testing.T) {
+			cfg := Config{}
+			if name != "plain" {
+				cfg = Config{PCRs: []int{7}, AuthFile: writeAuthFile(t, "pw")}
+			}
+			p := newSimProvider(t, cfg)
+			var keys, blobs [][]byte
+			for range 3 {
+				k, w := wrapUnwrap(t, p)
+				keys, blobs = append(keys, k), append(blobs, w)
+			}
+			for reboot := range 2 {
+				if err := sim(t, p).sim.Reset(); err != nil {
+					t.Fatalf("simulator Reset() = %v", err)
+				}
+				if reboot == 1 {
+					// The second time, Health is the first call after the reset.
+					if err := p.Health(ctx); err != nil {
+						t.Fatalf("p.Health(ctx) after reset = %v, want nil", err)
+					}
+				}
+				for i, w := range blobs {
+					got, err := p.Unwrap(ctx, w)
+					if err != nil {
+						t.Fatalf("p.Unwrap(ctx, blob %d) after reset err = %v, want nil", i, err)
+					}
+					if !bytes.Equal(got, keys[i]) {
+						t.Fatalf("p.Unwrap(ctx, blob %d) after reset differs from its key", i)
+					}
+				}
+			}
+			wrapUnwrap(t, p)
+		})
+	}
+}
+
+// TestClear: a TPM clear (new owner seed) makes every sealed key unrecoverable, and Unwrap says why.
+func TestClear(t *testing.T) {
+	ctx := context.Background()
+	p := newSimProvider(t, Config{})
+	_, blob := wrapUnwrap(t, p)
+	if err := sim(t, p).sim.ManufactureReset(); err != nil {
+		t.Fatalf("simulator ManufactureReset() = %v", err)
+	}
+	got, err := p.Unwrap(ctx, blob)
+	if !errors.Is(err, kleidi.ErrUnwrap) || !errors.Is(err, ErrStorageKeyChanged) || got != nil {
+		t.Fatalf("p.Unwrap(ctx, blob) after clear = %d bytes, %v; want nil, an error wrapping kleidi.ErrUnwrap and ErrStorageKeyChanged", len(got), err)
+	}
+	if !strings.Contains(err.Error(), "cleared") {
+		t.Errorf("p.Unwrap(ctx, blob) after clear err = %q, want it to say the TPM was cleared", err)
+	}
+	// New keys work under the new seed.
+	wrapUnwrap(t, p)
+}
+
+func extendPCR(t *testing.T, p *Provider, pcr int) {
+	t.Helper()
+	withTPM(t, p, func(tp transport.TPM) {
+		_, err := tpm2.PCRExtend{
+			PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(pcr), Auth: tpm2.PasswordAuth(nil)},
+			Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{
+				HashAlg: tpm2.TPMAlgSHA256, Digest: bytes.Repeat([]byte{0x42}, 32),
+			}}},
+		}.Execute(tp)
+		if err != nil {
+			t.Fatalf("PCRExtend(%d) err = %v, want nil", pcr, err)
+		}
+	})
+}
+
+func TestPCRPolicy(t *testing.T) {
+	ctx := context.Background()
+	p := newSimProvider(t, Config{PCRs: []int{7}})
+	unbound := newSimProviderShared(t, p, Config{})
+	key, blob := wrapUnwrap(t, p)
+	freeKey, freeBlob := wrapUnwrap(t, unbound)
+
+	// Another PCR changes: the key still unwraps.
+	extendPCR(t, p, 8)
+	if got, err := p.Unwrap(ctx, blob); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("p.Unwrap(ctx, blob) after extending PCR 8 err = %v, want nil and the key", err)
+	}
+
+	// The bound PCR changes: Unwrap refuses and says it is the PCR policy.
+	extendPCR(t, p, 7)
+	got, err := p.Unwrap(ctx, blob)
+	if !errors.Is(err, ErrPolicy) || !errors.Is(err, kleidi.ErrUnwrap) || got != nil {
+		t.Fatalf("p.Unwrap(ctx, blob) after extending PCR 7 = %d bytes, %v; want nil, an error wrapping ErrPolicy and kleidi.ErrUnwrap", len(got), err)
+	}
+	if !strings.Contains(err.Error(), "PCR") {
+		t.Errorf("p.Unwrap(ctx, blob) after extending PCR 7 err = %q, want it to mention PCR", err)
+	}
+	// A key not bound to PCRs is unaffected.
+	if got, err := p.Unwrap(ctx, freeBlob); err != nil || !bytes.Equal(got, freeKey) {
+		t.Fatalf("p.Unwrap(ctx, unbound blob) after extending PCR 7 err = %v, want nil and the key", err)
+	}
+	// A key sealed now binds the new value.
+	wrapUnwrap(t, p)
+	assertNoHandles(t, p, unbound)
+}
+
+// newSimProviderShared returns a second provider on the simulator connection of p, with another configuration.
+func newSimProviderShared(t *testing.T, p *Provider, cfg Config) *Provider {
+	t.Helper()
+	var tp transport.TPM
+	withTPM(t, p, func(c transport.TPM) { tp = c })
+	q, err := newProvider(context.Background(), cfg, func() (transport.TPMCloser, error) { return nopCloser{tp}, nil })
+	if err != nil {
+		t.Fatalf("newProvider(ctx, %+v) err = %v, want nil", cfg, err)
+	}
+	t.Cleanup(func() { q.Close() })
+	return q
+}
+
+type nopCloser struct{ transport.TPM }
+
+func (nopCloser) Close() error { return nil }
+
+func TestAuthValue(t *testing.T) {
+	ctx := context.Background()
+	p := newSimProvider(t, Config{AuthFile: writeAuthFile(t, "s3cret\n")})
+	_, blob := wrapUnwrap(t, p)
+
+	wrong := newSimProviderShared(t, p, Config{AuthFile: writeAuthFile(t, "wrong")})
+	got, err := wrong.Unwrap(ctx, blob)
+	if !errors.Is(err, kleidi.ErrUnwrap) || got != nil {
+		t.Fatalf("wrong.Unwrap(ctx, blob) = %d bytes, %v; want nil, an error wrapping kleidi.ErrUnwrap", len(got), err)
+	}
+	if strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("wrong.Unwrap(ctx, blob) err = %q holds the auth value", err)
+	}
+	// The simulator has room for three objects: close each second provider when done.
+	wrong.Close()
+	none := newSimProviderShared(t, p, Config{})
+	if _, err := none.Unwrap(ctx, blob); !errors.Is(err, kleidi.ErrUnwrap) || !strings.Contains(err.Error(), "auth value") {
+		t.Fatalf("none.Unwrap(ctx, blob) err = %v, want an error wrapping kleidi.ErrUnwrap that names the auth value", err)
+	}
+	_, plain := wrapUnwrap(t, none)
+	if _, err := p.Unwrap(ctx, plain); !errors.Is(err, kleidi.ErrUnwrap) {
+		t.Fatalf("p.Unwrap(ctx, blob sealed without auth) err = %v, want an error wrapping kleidi.ErrUnwrap", err)
+	}
+	none.Close()
+	assertNoHandles(t, p)
+}
+
+func TestAuthFileErrors(t *testing.T) {
+	for name, content := range map[string]string{"empty": "", "newline only": "\n", "too long": strings.Repeat("a", MaxAuthSize+1)} {
+		_, err := New(context.Background(), Config{Path: SimulatorPath, AuthFile: writeAuthFile(t, content)})
+		if err == nil {
+			t.Errorf("New(ctx, auth file %s) err = nil, want an error", name)
+		}
+	}
+	if _, err := New(context.Background(), Config{Path: SimulatorPath, AuthFile: filepath.Join(t.TempDir(), "missing")}); err == nil {
+		t.Errorf("New(ctx, missing auth file) err = nil, want an error")
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	for _, cfg := range []Config{
+		{Path: "nonsense"},
+		{Path: "tcp://127.0.0.1"},
+		{Path: "unix://"},
+		{Path: SimulatorPath, PCRs: []int{24}},
+		{Path: SimulatorPath, PCRs: []int{-1}},
+	} {
+		if p, err := New(context.Background(), cfg); err == nil {
+			p.Close()
+			t.Errorf("New(ctx, %+v) err = nil, want an error", cfg)
+		}
+	}
+}
+
+// countHandles returns the transient objects and loaded sessions in the TPM.
+func countHandles(t testing.TB, tp transport.TPM) (objects, sessions []tpm2.TPMHandle) {
+	t.Helper()
+	get := func(first uint32) []tpm2.TPMHandle {
+		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: first, PropertyCount: 64}.Execute(tp)
+		if err != nil {
+			t.Fatalf("GetCapability(handles %#x) err = %v, want nil", first, err)
+		}
+		hs, err := rsp.CapabilityData.Data.Handles()
+		if err != nil {
+			t.Fatalf("GetCapability(handles %#x).Handles() err = %v", first, err)
+		}
+		var out []tpm2.TPMHandle
+		for _, h := range hs.Handle {
+			if uint32(h)>>24 == first>>24 {
+				out = append(out, h)
+			}
+		}
+		return out
+	}
+	return get(0x80000000), append(get(0x02000000), get(0x03000000)...)
+}
+
+// assertNoHandles fails unless the only objects loaded are the SRKs of p and the other open providers sharing
+// its simulator, and no session is loaded.
+func assertNoHandles(t testing.TB, p *Provider, others ...*Provider) {
+	t.Helper()
+	withTPM(t, p, func(tp transport.TPM) {
+		objects, sessions := countHandles(t, tp)
+		srks := 0
+		for _, q := range append(others, p) {
+			if q.srk != nil && !q.srk.persistent {
+				srks++
+			}
+		}
+		if len(objects) != srks {
+			t.Errorf("transient handles = %#x, want only the %d SRKs", objects, srks)
+		}
+		if len(sessions) != 0 {
+			t.Errorf("session handles = %#x, want none", sessions)
+		}
+	})
+}
+
+func TestNoHandleLeak(t *testing.T) {
+	ctx := context.Background()
+	p := newSimProvider(t, Config{PCRs: []int{7}, AuthFile: writeAuthFile(t, "pw")})
+	_, blob := wrapUnwrap(t, p)
+	bad := bytes.Clone(blob)
+	bad[len(bad)-1] ^= 1
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	for range 20 {
+		wrapUnwrap(t, p)
+		if _, err := p.Unwrap(ctx, bad); err == nil {
+			t.Fatalf("p.Unwrap(ctx, tampered) err = nil, want an error")
+		}
+		if _, err := p.Unwrap(cancelled, blob); err == nil {
+			t.Fatalf("p.Unwrap(cancelled, blob) err = nil, want an error")
+		}
+		if err := p.Health(ctx); err != nil {
+			t.Fatalf("p.Health(ctx) = %v, want nil", err)
+		}
+	}
+	// A policy failure happens after the session and the object are loaded.
+	extendPCR(t, p, 7)
+	for range 5 {
+		if _, err := p.Unwrap(ctx, blob); !errors.Is(err, ErrPolicy) {
+			t.Fatalf("p.Unwrap(ctx, blob) err = %v, want ErrPolicy", err)
+		}
+	}
+	assertNoHandles(t, p)
+	// Close flushes the SRK too.
+	var tp transport.TPM
+	withTPM(t, p, func(c transport.TPM) { tp = c })
+	s := tp.(*simTPM)
+	q := newSimProviderShared(t, p, Config{})
+	q.Close()
+	objects, _ := countHandles(t, s)
+	if len(objects) != 1 {
+		t.Errorf("transient handles after closing a second provider = %#x, want only the first provider's SRK", objects)
+	}
+}
+
+// TestPersistentSRK: an SRK provisioned at the TCG handle is used instead of a transient one, and keys sealed
+// under either unseal under the other.
+func TestPersistentSRK(t *testing.T) {
+	ctx := context.Background()
+	p := newSimProvider(t, Config{})
+	key, blob := wrapUnwrap(t, p)
+	withTPM(t, p, func(tp transport.TPM) {
+		_, err := tpm2.EvictControl{
+			Auth:             tpm2.TPMRHOwner,
+			ObjectHandle:     &tpm2.NamedHandle{Handle: p.srk.handle, Name: p.srk.name},
+			PersistentHandle: srkHandle,
+		}.Execute(tp)
+		if err != nil {
+			t.Fatalf("EvictControl err = %v, want nil", err)
+		}
+	})
+	q := newSimProviderShared(t, p, Config{})
+	if !q.srk.persistent || q.srk.handle != srkHandle {
+		t.Fatalf("q.srk = %#x (persistent %v), want the persistent handle %#x", q.srk.handle, q.srk.persistent, srkHandle)
+	}
+	if got, err := q.Unwrap(ctx, blob); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("q.Unwrap(ctx, blob) err = %v, want nil and the key", err)
+	}
+	k2, b2 := wrapUnwrap(t, q)
+	if got, err := p.Unwrap(ctx, b2); err != nil || !bytes.Equal(got, k2) {
+		t.Fatalf("p.Unwrap(ctx, blob sealed under the persistent SRK) err = %v, want nil and the key", err)
+	}
+}
+
+func TestParsePCRs(t *testing.T) {
+	for in, want := range map[string][]int{"": nil, "7": {7}, "7, 0,7,23": {0, 7, 23}} {
+		got, err := ParsePCRs(in)
+		if err != nil || !equalInts(got, want) {
+			t.Errorf("ParsePCRs(%q) = %v, %v; want %v, nil", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"24", "-1", "a", "7,,8"} {
+		if got, err := ParsePCRs(in); err == nil {
+			t.Errorf("ParsePCRs(%q) = %v, nil; want an error", in, got)
+		}
+	}
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
