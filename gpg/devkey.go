@@ -21,9 +21,12 @@ const (
 	DevelopmentPublicKeyFile  = "kleidi-development-key.pub.asc"
 )
 
-// DevelopmentKeyName is the user ID of the key [GenerateDevelopmentKey] makes, so that anyone who lists it
-// with gpg sees what it is.
-const DevelopmentKeyName = "kleidi development key (INSECURE: no passphrase, for development only)"
+// DevelopmentKeyName and DevelopmentKeyComment make the user ID of the key [GenerateDevelopmentKey] makes,
+// so that anyone who lists it with gpg sees what it is.
+const (
+	DevelopmentKeyName    = "kleidi development key"
+	DevelopmentKeyComment = "INSECURE: no passphrase, for development only"
+)
 
 // GenerateDevelopmentKey makes an OpenPGP key pair for development and CI, and returns the [Config] that
 // loads it. It is for development only: the private key has no passphrase and sits in a plain file next to
@@ -49,7 +52,7 @@ func GenerateDevelopmentKey(dir string) (Config, error) {
 		Curve:     packet.Curve25519,
 		Time:      time.Now,
 	}
-	e, err := v2.NewEntity(DevelopmentKeyName, "", "", config)
+	e, err := v2.NewEntity(DevelopmentKeyName, DevelopmentKeyComment, "", config)
 	if err != nil {
 		return Config{}, fmt.Errorf("gpg: development key: %w", err)
 	}

@@ -176,7 +176,7 @@ func TestUnwrapRefusesOtherMessages(t *testing.T) {
 		}
 	}
 	// A message gpg encrypted and signed for this key unwraps: the signature is not checked.
-	msg, err := g.run(key, "--sign", "--local-user", g.rsa.fpr, "--encrypt", "--recipient", g.cv.fpr)
+	msg, err := g.run(key, "--sign", "--local-user", g.cv.fpr, "--encrypt", "--recipient", g.cv.fpr)
 	if err != nil {
 		t.Fatal(err)
 	}
