@@ -5,9 +5,7 @@ package tpm
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"errors"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -30,17 +28,6 @@ func newSimProvider(t testing.TB, cfg Config) *Provider {
 	return p
 }
 
-// withTPM runs f on the provider's connection under its lock.
-func withTPM(t testing.TB, p *Provider, f func(t transport.TPM)) {
-	t.Helper()
-	p.sem <- struct{}{}
-	defer func() { <-p.sem }()
-	if p.tpm == nil {
-		t.Fatalf("provider has no TPM connection")
-	}
-	f(p.tpm)
-}
-
 // sim returns the in-process simulator behind p.
 func sim(t testing.TB, p *Provider) *simTPM {
 	t.Helper()
@@ -55,33 +42,6 @@ func sim(t testing.TB, p *Provider) *simTPM {
 	return s
 }
 
-func randomKey(t testing.TB) []byte {
-	t.Helper()
-	key := make([]byte, kleidi.KeySize)
-	if _, err := rand.Read(key); err != nil {
-		t.Fatal(err)
-	}
-	return key
-}
-
-func wrapUnwrap(t *testing.T, p *Provider) (key, wrapped []byte) {
-	t.Helper()
-	ctx := context.Background()
-	key = randomKey(t)
-	wrapped, err := p.Wrap(ctx, key)
-	if err != nil {
-		t.Fatalf("p.Wrap(ctx, key) err = %v, want nil", err)
-	}
-	got, err := p.Unwrap(ctx, wrapped)
-	if err != nil {
-		t.Fatalf("p.Unwrap(ctx, wrapped) err = %v, want nil", err)
-	}
-	if !bytes.Equal(got, key) {
-		t.Fatalf("p.Unwrap(ctx, p.Wrap(ctx, key)) differs from key")
-	}
-	return key, wrapped
-}
-
 func TestConformanceSimulator(t *testing.T) {
 	kleiditest.TestProvider(t, func(t *testing.T) kleidi.Provider {
 		return newSimProvider(t, Config{})
@@ -93,15 +53,6 @@ func TestConformanceSimulatorPCRAndAuth(t *testing.T) {
 	kleiditest.TestProvider(t, func(t *testing.T) kleidi.Provider {
 		return newSimProvider(t, Config{PCRs: []int{7, 16}, AuthFile: authFile})
 	})
-}
-
-func writeAuthFile(t *testing.T, content string) string {
-	t.Helper()
-	name := filepath.Join(t.TempDir(), "auth")
-	if err := os.WriteFile(name, []byte(content), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return name
 }
 
 func TestSimulatorSecondOpenFails(t *testing.T) {
@@ -289,50 +240,6 @@ func TestConfigErrors(t *testing.T) {
 	}
 }
 
-// countHandles returns the transient objects and loaded sessions in the TPM.
-func countHandles(t testing.TB, tp transport.TPM) (objects, sessions []tpm2.TPMHandle) {
-	t.Helper()
-	get := func(first uint32) []tpm2.TPMHandle {
-		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: first, PropertyCount: 64}.Execute(tp)
-		if err != nil {
-			t.Fatalf("GetCapability(handles %#x) err = %v, want nil", first, err)
-		}
-		hs, err := rsp.CapabilityData.Data.Handles()
-		if err != nil {
-			t.Fatalf("GetCapability(handles %#x).Handles() err = %v", first, err)
-		}
-		var out []tpm2.TPMHandle
-		for _, h := range hs.Handle {
-			if uint32(h)>>24 == first>>24 {
-				out = append(out, h)
-			}
-		}
-		return out
-	}
-	return get(0x80000000), append(get(0x02000000), get(0x03000000)...)
-}
-
-// assertNoHandles fails unless the only objects loaded are the SRKs of p and the other open providers sharing
-// its simulator, and no session is loaded.
-func assertNoHandles(t testing.TB, p *Provider, others ...*Provider) {
-	t.Helper()
-	withTPM(t, p, func(tp transport.TPM) {
-		objects, sessions := countHandles(t, tp)
-		srks := 0
-		for _, q := range append(others, p) {
-			if q.srk != nil && !q.srk.persistent {
-				srks++
-			}
-		}
-		if len(objects) != srks {
-			t.Errorf("transient handles = %#x, want only the %d SRKs", objects, srks)
-		}
-		if len(sessions) != 0 {
-			t.Errorf("session handles = %#x, want none", sessions)
-		}
-	})
-}
-
 func TestNoHandleLeak(t *testing.T) {
 	ctx := context.Background()
 	p := newSimProvider(t, Config{PCRs: []int{7}, AuthFile: writeAuthFile(t, "pw")})
@@ -414,16 +321,4 @@ func TestParsePCRs(t *testing.T) {
 			t.Errorf("ParsePCRs(%q) = %v, nil; want an error", in, got)
 		}
 	}
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

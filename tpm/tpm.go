@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -447,13 +449,25 @@ func (c *ctxTPM) Send(cmd []byte) ([]byte, error) {
 	return send(c.tpm, cmd)
 }
 
-// send sends one command and marks a failure to talk to the TPM as a transportError.
+// send sends one command and marks a failure to talk to the TPM as a transportError. It resends the command while
+// the TPM answers that it could not start it yet (TPM_RC_RETRY, TPM_RC_YIELDED, TPM_RC_TESTING), as the kernel
+// driver does, for up to about two seconds.
 func send(t transport.TPM, cmd []byte) ([]byte, error) {
-	rsp, err := t.Send(cmd)
-	if err != nil {
-		return nil, &transportError{err}
+	for attempt := 1; ; attempt++ {
+		rsp, err := t.Send(cmd)
+		if err != nil {
+			return nil, &transportError{err}
+		}
+		if attempt > 20 || len(rsp) < 10 {
+			return rsp, nil
+		}
+		switch tpm2.TPMRC(binary.BigEndian.Uint32(rsp[6:10])) {
+		case tpm2.TPMRCRetry, tpm2.TPMRCYielded, tpm2.TPMRCTesting:
+			time.Sleep(time.Duration(attempt) * 10 * time.Millisecond)
+		default:
+			return rsp, nil
+		}
 	}
-	return rsp, nil
 }
 
 // rawTPM marks transport failures but ignores the context: cleanup commands run even after a cancellation.
