@@ -322,3 +322,7 @@ func TestParsePCRs(t *testing.T) {
 		}
 	}
 }
+
+func BenchmarkSimulator(b *testing.B) {
+	benchmarkProvider(b, openSimulator)
+}
