@@ -131,11 +131,8 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 	return plaintext, nil
 }
 
-// kek returns the unwrapped KEK id, unwrapping it on first use.
+// kek unwraps KEK id, not yet in use in this process, from the keyring's copies or else the attached one.
 func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, error) {
-	if k := (*e.keys.Load())[id]; k != nil {
-		return k, nil
-	}
 	var blobs [][]byte
 	if r, ok := (*e.records.Load())[id]; ok {
 		blobs = wrappedBlobs(r, e.provider.Name())

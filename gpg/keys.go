@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"math/big"
 	"os"
 	"strings"
@@ -54,6 +55,9 @@ func readFile(path string, limit int64) ([]byte, error) {
 // readKeyFile reads the keys in the file at path, binary (gpg --export) or ASCII-armored (gpg --armor --export).
 func readKeyFile(path string) (v2.EntityList, error) {
 	data, err := readFile(path, maxKeyFileSize)
+	if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+		return nil, fmt.Errorf("gpg: key file %s: %w", path, pe.Err)
+	}
 	if err != nil {
 		return nil, &keyError{file: path, reason: err.Error(), err: ErrInvalidKey}
 	}
@@ -142,7 +146,14 @@ func checkEncryptionKey(path string, e *v2.Entity, now time.Time, config *packet
 	case revoked > 0:
 		return fail(ErrKeyRevoked, "has no valid encryption subkey: %d revoked", revoked)
 	}
-	return fail(ErrNoEncryptionKey, "has no key or subkey that may encrypt (%v)", err)
+	var sel *pgperrors.ErrEncryptionKeySelection
+	if errors.As(err, &sel) {
+		var weak pgperrors.WeakAlgorithmError
+		if errors.As(sel.EncSelectionErr, &weak) {
+			return fail(ErrNoEncryptionKey, "has no encryption key of an algorithm strong enough (%v)", weak)
+		}
+	}
+	return fail(ErrNoEncryptionKey, "has no key or subkey that may encrypt: a signing-only key?")
 }
 
 // expiration returns when the key pk expires, or the self-signature sig about it does, whichever comes first.

@@ -136,8 +136,8 @@ func New(c Config) (*Provider, error) {
 			held = held || seen[fingerprint(e)]
 		}
 		if !held {
-			return nil, fmt.Errorf("gpg: key file %s: key %s is not among the recipients (%s): this provider could not unwrap what it wraps: %w",
-				c.PrivateKeyFile, describe(p.private), describe(p.recipients), ErrInvalidKey)
+			return nil, &keyError{file: c.PrivateKeyFile, key: describe(p.private), err: ErrInvalidKey,
+				reason: fmt.Sprintf("is not among the recipients (%s): this provider could not unwrap what it wraps", describe(p.recipients))}
 		}
 	}
 
