@@ -68,6 +68,7 @@ func startCluster(t *testing.T, ps *procs, dir, encryptionConfig string) *cluste
 		fmt.Sprintf("--secure-port=%d", port),
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
+		"--endpoint-reconciler-type=none", // no kubernetes Service endpoint on loopback
 		"--cert-dir=" + filepath.Join(dir, "apiserver-certs"),
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file=" + saKey,
@@ -153,7 +154,9 @@ func (c *cluster) startAPIServer(t testing.TB) {
 // same flags: its DEK cache is gone, so every seed must be decrypted again.
 func (c *cluster) restartAPIServer(t testing.TB) {
 	t.Helper()
+	start := time.Now()
 	c.apiserver.stop()
+	t.Logf("kube-apiserver stopped in %s", time.Since(start).Round(time.Millisecond))
 	c.startAPIServer(t)
 }
 

@@ -36,7 +36,7 @@ type procs struct {
 func newProcs(t *testing.T) *procs {
 	ps := &procs{}
 	t.Cleanup(func() {
-		ps.stopAll()
+		ps.stopAll(t)
 		if t.Failed() {
 			ps.dumpLogs(t)
 		}
@@ -103,19 +103,22 @@ func (p *proc) stop() {
 	p.kill9()
 }
 
-func (ps *procs) stopAll() {
+func (ps *procs) stopAll(t testing.TB) {
 	ps.mu.Lock()
 	list := append([]*proc(nil), ps.list...)
 	ps.mu.Unlock()
-	var wg sync.WaitGroup
+	// In reverse start order: the apiserver goes before the etcd it needs to
+	// shut down cleanly, the plugin after the apiserver that calls it.
 	for i := len(list) - 1; i >= 0; i-- {
-		wg.Add(1)
-		go func(p *proc) {
-			defer wg.Done()
+		p := list[i]
+		if p.exited() {
 			p.stop()
-		}(list[i])
+			continue
+		}
+		start := time.Now()
+		p.stop()
+		t.Logf("stopped %s (pid %d) in %s", p.name, p.pid(), time.Since(start).Round(time.Millisecond))
 	}
-	wg.Wait()
 }
 
 func (ps *procs) dumpLogs(t *testing.T) {
