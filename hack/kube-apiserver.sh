@@ -65,16 +65,31 @@ package tools
 import _ "k8s.io/kubernetes/cmd/kube-apiserver"
 GO
 
-log "step 3/4: resolving dependencies (go mod tidy)"
-(cd "$work" && go mod tidy >&2)
+# heartbeat prints the elapsed time every 30 s while a long step runs.
+heartbeat() {
+	local what=$1
+	while sleep 30; do log "  ... still $what ($((SECONDS - start)) s so far)"; done
+}
+
+log "step 3/4: resolving and downloading dependencies (go mod tidy)"
+heartbeat "downloading" >/dev/null & hb=$!
+trap 'kill $hb 2>/dev/null || true; rm -rf "$work"' EXIT
+if ! (cd "$work" && go mod tidy >"$work/tidy.log" 2>&1); then
+	cat "$work/tidy.log" >&2
+	log "go mod tidy failed"
+	exit 1
+fi
+kill $hb 2>/dev/null || true
 
 log "step 4/4: compiling (this is the long part)"
+heartbeat "compiling" >/dev/null & hb=$!
 tmpbin="$dir/.kube-apiserver.$$"
 (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w \
 	-X k8s.io/component-base/version.gitVersion=$version \
 	-X k8s.io/component-base/version.gitMajor=1 \
 	-X k8s.io/component-base/version.gitMinor=$(echo "$version" | cut -d. -f2)" \
 	-o "$tmpbin" k8s.io/kubernetes/cmd/kube-apiserver) || { rm -f "$tmpbin"; log "build failed"; exit 1; }
+kill $hb 2>/dev/null || true
 mv -f "$tmpbin" "$bin"
 log "done in $((SECONDS - start)) s"
 printf '%s\n' "$bin"
