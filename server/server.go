@@ -1,0 +1,195 @@
+// Package server is a Kubernetes KMS v2 plugin: the gRPC service k8s.io/kms/apis/v2 on a unix socket, on top of a
+// [kleidi.Envelope].
+//
+// It validates every request and every response against the limits kube-apiserver enforces, maps kleidi's errors
+// to gRPC codes (see [Code]), bounds each call with a deadline, answers Status from a health probe that runs in the
+// background, picks up a keyring rotated by another process, records the peer credentials of each caller, and stops
+// gracefully. Encrypt responses carry the wrapped KEK in the annotation [WrappedKeyAnnotation], so each one is
+// self-contained.
+//
+//	srv, err := server.New(envelope, provider, server.Config{Logger: logger})
+//	err = srv.ListenAndServe(ctx, "unix:///run/kleidi/kms.sock") // returns after ctx ends and calls finish
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/peer"
+
+	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/internal/socket"
+)
+
+// Config holds the settings of a [Server]. The zero value is valid: every field has a default.
+type Config struct {
+	// HealthInterval is how often the provider's health is probed in the background; Status answers from the
+	// last probe. Default 5 s.
+	HealthInterval time.Duration
+	// ReloadInterval is how often the keyring is read again, to pick up a rotation made by another process.
+	// Default 5 s, so a rotation shows in Status within 10 s. Negative: never.
+	ReloadInterval time.Duration
+	// CallTimeout bounds each call, whatever deadline the client sets. Default 3 s, kube-apiserver's own.
+	CallTimeout time.Duration
+	// ShutdownTimeout bounds how long a graceful stop waits for calls in flight. Default 10 s.
+	ShutdownTimeout time.Duration
+	// AllowedUIDs, if not empty, are the only user IDs whose calls are served; others get PermissionDenied.
+	// Empty: any process that may open the socket.
+	AllowedUIDs []uint32
+	// SocketMode is the file mode of the socket [Server.ListenAndServe] creates. Default 0600: only the user
+	// the plugin runs as, normally the same as kube-apiserver's. 0660 lets the socket's group in.
+	SocketMode fs.FileMode
+	// Logger receives operational records: start, stop, key changes, health changes and failed calls.
+	// Default: slog.Default(). Nothing secret is ever logged.
+	Logger *slog.Logger
+	// AuditLogger, if not nil, receives one record per call: method, request uid, caller uid/gid/pid, key_id,
+	// gRPC code and duration. Never plaintext or key material.
+	AuditLogger *slog.Logger
+	// Interceptors run around every call, after the server's own (panic recovery, caller check, deadline):
+	// the place for metrics. [CallerFromContext] gives the caller of a call.
+	Interceptors []grpc.UnaryServerInterceptor
+}
+
+// Server is a KMS v2 plugin serving one [kleidi.Envelope]. Create it with [New].
+type Server struct {
+	env      *kleidi.Envelope
+	provider kleidi.Provider
+	cfg      Config
+	log      *slog.Logger
+
+	health  atomic.Pointer[string] // "ok" or a short reason
+	serving atomic.Bool
+}
+
+// New returns a Server for env, whose root of trust is p (probed for health). It probes health once before
+// returning, so the first Status is truthful.
+func New(env *kleidi.Envelope, p kleidi.Provider, cfg Config) (*Server, error) {
+	if env == nil || p == nil {
+		return nil, errors.New("server: New needs an Envelope and its Provider")
+	}
+	if cfg.HealthInterval < 0 || cfg.CallTimeout < 0 || cfg.ShutdownTimeout < 0 {
+		return nil, errors.New("server: HealthInterval, CallTimeout and ShutdownTimeout must not be negative")
+	}
+	if cfg.SocketMode&^fs.ModePerm != 0 {
+		return nil, fmt.Errorf("server: SocketMode %v has bits other than permissions", cfg.SocketMode)
+	}
+	setDefault(&cfg.HealthInterval, 5*time.Second)
+	setDefault(&cfg.ReloadInterval, 5*time.Second)
+	setDefault(&cfg.CallTimeout, 3*time.Second)
+	setDefault(&cfg.ShutdownTimeout, 10*time.Second)
+	setDefault(&cfg.SocketMode, 0o600)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	cfg.AllowedUIDs = slices.Clone(cfg.AllowedUIDs)
+	cfg.Interceptors = slices.Clone(cfg.Interceptors)
+	s := &Server{env: env, provider: p, cfg: cfg, log: cfg.Logger}
+	s.probe(context.Background())
+	return s, nil
+}
+
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
+}
+
+// ListenAndServe listens on the unix socket endpoint ("unix:///path/kms.sock", "unix:///@abstract" or a plain
+// path) with [Config.SocketMode], and serves until ctx ends; see [Server.Serve]. The socket's directory is
+// created with mode 0700 if missing, and a stale socket left by a crash is removed if nothing answers on it.
+// The socket is removed on return.
+func (s *Server) ListenAndServe(ctx context.Context, endpoint string) error {
+	path, err := socket.ParseEndpoint(endpoint)
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	l, err := socket.Listen(path, s.cfg.SocketMode)
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	return s.Serve(ctx, l)
+}
+
+// Serve serves KMS v2 on l until ctx ends, then stops gracefully: it stops accepting, lets calls in flight
+// finish (for at most [Config.ShutdownTimeout]), closes l and returns nil. It runs the health probe and the
+// keyring reload in the background while it serves. A Server serves one listener at a time.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	if !s.serving.CompareAndSwap(false, true) {
+		l.Close()
+		return errors.New("server: Serve called while serving")
+	}
+	defer s.serving.Store(false)
+
+	gs := s.newGRPCServer()
+	loops, stopLoops := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { s.backgroundLoop(loops) })
+	defer func() {
+		stopLoops()
+		wg.Wait()
+	}()
+
+	errc := make(chan error, 1)
+	go func() { errc <- gs.Serve(l) }()
+	s.log.Info("serving KMS v2", "address", l.Addr().String(), "provider", s.provider.Name(),
+		"key_id", s.env.KeyID(), "healthz", s.Healthz())
+
+	select {
+	case err := <-errc:
+		gs.Stop()
+		return fmt.Errorf("server: %w", err)
+	case <-ctx.Done():
+	}
+	s.log.Info("stopping: finishing calls in flight")
+	stopped := make(chan struct{})
+	go func() {
+		gs.GracefulStop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(s.cfg.ShutdownTimeout):
+		s.log.Warn("calls still in flight after the shutdown timeout: cancelling them", "timeout", s.cfg.ShutdownTimeout)
+		gs.Stop()
+		<-stopped
+	}
+	<-errc
+	l.Close() // gRPC closes it too; this makes sure the socket file is gone
+	s.log.Info("stopped")
+	return nil
+}
+
+// Caller is the process at the other end of a call's unix socket connection.
+type Caller struct {
+	UID, GID uint32
+	PID      int32
+}
+
+// CallerFromContext returns the caller of the call ctx belongs to, as the kernel recorded it when the
+// connection was made (SO_PEERCRED). ok is false outside a call or on a connection that is not a unix socket.
+func CallerFromContext(ctx context.Context) (c Caller, ok bool) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return Caller{}, false
+	}
+	info, ok := p.AuthInfo.(socket.AuthInfo)
+	if !ok || info.Cred == nil {
+		return Caller{}, false
+	}
+	return Caller{UID: info.Cred.UID, GID: info.Cred.GID, PID: info.Cred.PID}, true
+}
+
+// LogValue describes the caller in log records.
+func (c Caller) LogValue() slog.Value {
+	return slog.GroupValue(slog.Any("uid", c.UID), slog.Any("gid", c.GID), slog.Any("pid", c.PID))
+}

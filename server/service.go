@@ -1,0 +1,235 @@
+package server
+
+import (
+	"context"
+	"log/slog"
+	"runtime/debug"
+	"slices"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	kmsapi "k8s.io/kms/apis/v2"
+
+	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/internal/socket"
+)
+
+func (s *Server) newGRPCServer() *grpc.Server {
+	interceptors := append([]grpc.UnaryServerInterceptor{s.recoverPanic, s.logCall, s.checkCaller, s.deadline},
+		s.cfg.Interceptors...)
+	gs := grpc.NewServer(
+		grpc.Creds(socket.Credentials()),
+		grpc.ForceServerCodecV2(rawCodec{}),
+		grpc.MaxRecvMsgSize(maxRecvMsgSize),
+		grpc.ChainUnaryInterceptor(interceptors...),
+	)
+	gs.RegisterService(&serviceDesc, s)
+	return gs
+}
+
+// serviceDesc is k8s.io/kms/apis/v2's KeyManagementService with handlers that decode requests themselves: gRPC
+// answers a request it cannot decode (bad wire format, invalid UTF-8 in a string) with Internal, which a
+// client's bad input must never get. Here it gets InvalidArgument, through the same interceptors as any call.
+var serviceDesc = grpc.ServiceDesc{
+	ServiceName: kmsapi.KeyManagementService_ServiceDesc.ServiceName,
+	HandlerType: (*any)(nil),
+	Methods: []grpc.MethodDesc{
+		{MethodName: "Status", Handler: handler(kmsapi.KeyManagementService_Status_FullMethodName, (*Server).status)},
+		{MethodName: "Decrypt", Handler: handler(kmsapi.KeyManagementService_Decrypt_FullMethodName, (*Server).decrypt)},
+		{MethodName: "Encrypt", Handler: handler(kmsapi.KeyManagementService_Encrypt_FullMethodName, (*Server).encrypt)},
+	},
+	Metadata: kmsapi.KeyManagementService_ServiceDesc.Metadata,
+}
+
+// handler decodes a request of type Req and runs method through the interceptors.
+func handler[Req any, PReq interface {
+	*Req
+	proto.Message
+}, Resp proto.Message](fullMethod string, method func(*Server, context.Context, PReq) (Resp, error)) grpc.MethodHandler {
+	return func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
+		var raw rawMessage
+		if err := dec(&raw); err != nil {
+			return nil, err
+		}
+		req := PReq(new(Req))
+		call := func(ctx context.Context, req any) (any, error) { return method(srv.(*Server), ctx, req.(PReq)) }
+		if err := proto.Unmarshal(raw, req); err != nil {
+			proto.Reset(req)
+			call = func(context.Context, any) (any, error) {
+				return nil, status.Error(codes.InvalidArgument, "malformed request: not a valid protobuf message")
+			}
+		}
+		if interceptor == nil {
+			return call(ctx, req)
+		}
+		return interceptor(ctx, req, &grpc.UnaryServerInfo{Server: srv, FullMethod: fullMethod}, call)
+	}
+}
+
+// rawMessage is a request as received, decoded by the handler.
+type rawMessage []byte
+
+// rawCodec is gRPC's proto codec, except that it hands a *rawMessage the bytes as they are.
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v any) (mem.BufferSlice, error) { return protoCodec().Marshal(v) }
+
+func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	if r, ok := v.(*rawMessage); ok {
+		*r = data.Materialize()
+		return nil
+	}
+	return protoCodec().Unmarshal(data, v)
+}
+
+func (rawCodec) Name() string { return "proto" }
+
+func protoCodec() encoding.CodecV2 { return encoding.GetCodecV2("proto") }
+
+func (s *Server) status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.StatusResponse, error) {
+	return &kmsapi.StatusResponse{Version: APIVersion, Healthz: s.Healthz(), KeyId: s.env.KeyID()}, nil
+}
+
+func (s *Server) encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsapi.EncryptResponse, error) {
+	if err := checkEncryptRequest(req); err != nil {
+		return nil, err
+	}
+	c, err := s.env.Encrypt(ctx, req.Plaintext, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp := &kmsapi.EncryptResponse{Ciphertext: c.Bytes(), KeyId: c.KeyID()}
+	if len(c.WrappedKey) > 0 {
+		resp.Annotations = map[string][]byte{WrappedKeyAnnotation: c.WrappedKey}
+	}
+	if err := checkEncryptResponse(resp); err != nil {
+		// Not the client's fault: a provider whose wrapped keys break the limits. Internal, and logged.
+		return nil, internalError{err}
+	}
+	return resp, nil
+}
+
+func (s *Server) decrypt(ctx context.Context, req *kmsapi.DecryptRequest) (*kmsapi.DecryptResponse, error) {
+	wrapped, err := checkDecryptRequest(req)
+	if err != nil {
+		return nil, err
+	}
+	c, err := kleidi.ParseCiphertext(req.Ciphertext)
+	if err != nil {
+		return nil, err
+	}
+	if c.KeyID() != req.KeyId {
+		return nil, invalid("key_id does not match the key that encrypted the ciphertext")
+	}
+	c.WrappedKey = wrapped
+	plaintext, err := s.env.Decrypt(ctx, c, nil)
+	if err != nil {
+		return nil, err
+	}
+	return &kmsapi.DecryptResponse{Plaintext: plaintext}, nil
+}
+
+// internalError is a failure of the server, not of the request.
+type internalError struct{ err error }
+
+func (e internalError) Error() string { return "server: " + e.err.Error() }
+
+// recoverPanic turns a panic into Internal, so no request crashes the server.
+func (s *Server) recoverPanic(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("panic in a KMS call", "method", info.FullMethod, "panic", r, "stack", string(debug.Stack()))
+			resp, err = nil, status.Error(codes.Internal, "internal error (see the plugin's log)")
+		}
+	}()
+	return h(ctx, req)
+}
+
+// logCall maps errors to gRPC codes, logs failures, and writes the audit record.
+func (s *Server) logCall(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	start := time.Now()
+	resp, err := h(ctx, req)
+	code := Code(err)
+	if err != nil {
+		attrs := []any{"method", info.FullMethod, "code", code.String(), "error", err}
+		attrs = append(attrs, callAttrs(ctx, req, resp)...)
+		switch code {
+		case codes.Internal, codes.Unknown:
+			s.log.Error("KMS call failed", attrs...)
+		case codes.Unavailable, codes.FailedPrecondition, codes.DeadlineExceeded:
+			s.log.Warn("KMS call failed", attrs...)
+		default:
+			s.log.Info("KMS call refused", attrs...)
+		}
+		err = statusError(err)
+	}
+	if s.cfg.AuditLogger != nil {
+		attrs := []any{"method", info.FullMethod, "code", code.String(), "duration", time.Since(start)}
+		attrs = append(attrs, callAttrs(ctx, req, resp)...)
+		s.cfg.AuditLogger.Info("kms call", attrs...)
+	}
+	return resp, err
+}
+
+// callAttrs describes a call for the log: request uid, caller and key_id. Never plaintext or key material.
+func callAttrs(ctx context.Context, req, resp any) []any {
+	var attrs []any
+	var uid, keyID string
+	switch r := req.(type) {
+	case *kmsapi.EncryptRequest:
+		uid = r.Uid
+	case *kmsapi.DecryptRequest:
+		uid, keyID = r.Uid, r.KeyId
+	}
+	switch r := resp.(type) {
+	case *kmsapi.EncryptResponse:
+		keyID = r.KeyId
+	case *kmsapi.StatusResponse:
+		keyID = r.KeyId
+	}
+	if uid != "" {
+		attrs = append(attrs, "request_uid", truncate(uid))
+	}
+	if c, ok := CallerFromContext(ctx); ok {
+		attrs = append(attrs, "caller", c)
+	}
+	if keyID != "" {
+		attrs = append(attrs, "key_id", truncate(keyID))
+	}
+	return attrs
+}
+
+// truncate bounds a client-chosen string in a log record.
+func truncate(s string) string {
+	const n = 128
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
+
+// checkCaller refuses callers outside AllowedUIDs.
+func (s *Server) checkCaller(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	if len(s.cfg.AllowedUIDs) == 0 {
+		return h(ctx, req)
+	}
+	c, ok := CallerFromContext(ctx)
+	if !ok || !slices.Contains(s.cfg.AllowedUIDs, c.UID) {
+		return nil, status.Error(codes.PermissionDenied, "caller's uid is not allowed")
+	}
+	return h(ctx, req)
+}
+
+// deadline bounds each call with CallTimeout.
+func (s *Server) deadline(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.CallTimeout)
+	defer cancel()
+	return h(ctx, req)
+}
+
+var _ slog.LogValuer = Caller{}
