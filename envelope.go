@@ -28,6 +28,8 @@ type Envelope struct {
 	writeMu sync.Mutex                           // serialises copy-on-write updates of keys
 	flight  singleflight.Group
 
+	hits, misses atomic.Uint64
+
 	// ringMu serialises what reads the keyring and switches keys (Rotate, Reload, Rewrap), so an older
 	// keyring never replaces a newer one: the active key ID never goes back.
 	ringMu sync.Mutex
@@ -98,6 +100,19 @@ func (e *Envelope) GoString() string { return e.String() }
 // KeyID returns the ID of the active KEK: the key [Envelope.Encrypt] uses now.
 func (e *Envelope) KeyID() string { return e.active.Load().kek.id }
 
+// Stats counts what an Envelope did since it was created, for metrics.
+type Stats struct {
+	// CacheHits counts decryptions whose KEK was already in memory: the hot path.
+	CacheHits uint64
+	// CacheMisses counts decryptions whose KEK was not in memory, and so needed the provider (or failed).
+	CacheMisses uint64
+}
+
+// Stats returns the counters of e.
+func (e *Envelope) Stats() Stats {
+	return Stats{CacheHits: e.hits.Load(), CacheMisses: e.misses.Load()}
+}
+
 // Encrypt encrypts plaintext with the active KEK (AES-256-GCM, random nonce). associatedData is authenticated
 // but not encrypted; Decrypt needs the same. The result carries the wrapped KEK in [Ciphertext.WrappedKey].
 // Encrypt never calls the provider.
@@ -118,7 +133,10 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 		return nil, fmt.Errorf("kleidi: decrypt: %w: empty", ErrInvalidCiphertext)
 	}
 	k := (*e.keys.Load())[string(c.keyIDBytes())]
-	if k == nil {
+	if k != nil {
+		e.hits.Add(1)
+	} else {
+		e.misses.Add(1)
 		var err error
 		if k, err = e.kek(ctx, c.KeyID(), c.WrappedKey); err != nil {
 			return nil, fmt.Errorf("kleidi: decrypt: %w", err)

@@ -293,6 +293,9 @@ func TestAttachedWrappedKey(t *testing.T) {
 	if got := p.Calls(kleiditest.OpUnwrap) - before; got != 1 {
 		t.Errorf("3 decrypts with an attached key made %d Unwrap calls, want 1", got)
 	}
+	if s := e.Stats(); s.CacheHits != 2 || s.CacheMisses != 2 {
+		t.Errorf("e.Stats() = %+v, want 2 hits, 2 misses (one unknown key, one unwrap)", s)
+	}
 
 	// A wrapped key of another KEK does not pass for this one.
 	other := newEnvelope(t, p, kleidi.NewMemoryKeyring())
