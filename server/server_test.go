@@ -76,6 +76,12 @@ func start(t *testing.T, p *kleiditest.Provider, ring kleidi.Keyring, cfg server
 	serveCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- srv.ListenAndServe(serveCtx, "unix://"+path) }()
+	// Dial once the socket exists, so the client does not start with a reconnection backoff.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if _, err := os.Lstat(path); err == nil {
+			break
+		}
+	}
 	conn := dial(t, path)
 	ts := &testServer{srv: srv, env: env, provider: p, path: path, conn: conn, client: kmsapi.NewKeyManagementServiceClient(conn)}
 	var once sync.Once
