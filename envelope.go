@@ -29,6 +29,7 @@ type Envelope struct {
 	flight  singleflight.Group
 
 	hits, misses atomic.Uint64
+	onKeyEvent   func(KeyEvent)
 
 	// ringMu serialises what reads the keyring and switches keys (Rotate, Reload, Rewrap), so an older
 	// keyring never replaces a newer one: the active key ID never goes back.
@@ -53,6 +54,37 @@ func WithUnwrapTimeout(d time.Duration) Option {
 		}
 		e.unwrapTimeout = d
 		return nil
+	}
+}
+
+// KeyEvent describes a key operation of an [Envelope], for audit logs. It holds no key material.
+type KeyEvent struct {
+	// Op is "unwrap" (a KEK unwrapped through the provider), "rotate" (a new active KEK created by this
+	// process), "reload" (the keyring read again) or "rewrap".
+	Op string
+	// KeyID is the KEK unwrapped or created, or the active KEK after a reload or rewrap.
+	KeyID string
+	// Changed reports, for a reload, that the active KEK changed.
+	Changed bool
+	// Err is the error of the operation, or nil.
+	Err error
+	// Duration is how long the operation took.
+	Duration time.Duration
+}
+
+// WithKeyEvents makes the Envelope call f after every key operation: unwrap, rotate, reload and rewrap. These are
+// rare; f is never called on the Encrypt or Decrypt hot path of a KEK already in memory. f must be quick and safe
+// for concurrent use.
+func WithKeyEvents(f func(KeyEvent)) Option {
+	return func(e *Envelope) error {
+		e.onKeyEvent = f
+		return nil
+	}
+}
+
+func (e *Envelope) keyEvent(op, id string, changed bool, err error, start time.Time) {
+	if e.onKeyEvent != nil {
+		e.onKeyEvent(KeyEvent{Op: op, KeyID: id, Changed: changed, Err: err, Duration: time.Since(start)})
 	}
 }
 
@@ -201,6 +233,14 @@ func (e *Envelope) unwrap(ctx context.Context, id string, blobs [][]byte) (*kek,
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), e.unwrapTimeout)
 	defer cancel()
+	start := time.Now()
+	k, err := e.unwrapFirst(ctx, id, blobs)
+	e.keyEvent("unwrap", id, false, err, start)
+	return k, err
+}
+
+// unwrapFirst recovers KEK id from the first of blobs that unwraps to it, and caches it.
+func (e *Envelope) unwrapFirst(ctx context.Context, id string, blobs [][]byte) (*kek, error) {
 	var errs []error
 	for _, blob := range blobs {
 		key, err := e.provider.Unwrap(ctx, blob)
@@ -235,15 +275,17 @@ func (e *Envelope) cache(k *kek) {
 // Rotate generates a new random KEK, wraps it with the provider, stores it in the keyring as the active key
 // and starts encrypting with it. Older KEKs stay in the keyring, retired, and keep decrypting.
 // It returns the new key ID.
-func (e *Envelope) Rotate(ctx context.Context) (string, error) {
+func (e *Envelope) Rotate(ctx context.Context) (id string, err error) {
 	e.ringMu.Lock()
 	defer e.ringMu.Unlock()
+	start := time.Now()
+	defer func() { e.keyEvent("rotate", id, true, err, start) }()
 	key := make([]byte, KeySize)
 	defer clear(key)
 	if _, err := rand.Read(key); err != nil {
 		return "", fmt.Errorf("kleidi: rotate: %w", err)
 	}
-	id := keyIDFor(e.provider.Name(), key)
+	id = keyIDFor(e.provider.Name(), key)
 	k, err := newKEK(id, key)
 	if err != nil {
 		return "", fmt.Errorf("kleidi: rotate: %w", err)
@@ -282,9 +324,11 @@ func (e *Envelope) Rotate(ctx context.Context) (string, error) {
 // Reload reads the keyring again and switches to its active KEK, for a keyring that another process (a rotate
 // command) changed. The new active KEK is unwrapped before the switch, so [Envelope.KeyID] and
 // [Envelope.Encrypt] change together, and on error nothing changes.
-func (e *Envelope) Reload(ctx context.Context) error {
+func (e *Envelope) Reload(ctx context.Context) (err error) {
 	e.ringMu.Lock()
 	defer e.ringMu.Unlock()
+	start, before := time.Now(), e.KeyID()
+	defer func() { e.keyEvent("reload", e.KeyID(), e.KeyID() != before, err, start) }()
 	records, err := e.ring.Load(ctx)
 	if err != nil {
 		return fmt.Errorf("kleidi: reload keyring: %w", err)
@@ -322,9 +366,11 @@ func (e *Envelope) apply(ctx context.Context, records []KeyRecord) error {
 // Rewrap wraps every KEK of the keyring again with the provider and replaces the copy of the provider's root,
 // keeping every key ID. Use it after a change of the root of trust that keeps its name, such as adding an
 // OpenPGP recipient: each KEK is unwrapped with the old configuration's copy and wrapped for the new one.
-func (e *Envelope) Rewrap(ctx context.Context) error {
+func (e *Envelope) Rewrap(ctx context.Context) (err error) {
 	e.ringMu.Lock()
 	defer e.ringMu.Unlock()
+	start := time.Now()
+	defer func() { e.keyEvent("rewrap", e.KeyID(), false, err, start) }()
 	records, err := e.ring.Load(ctx)
 	if err != nil {
 		return fmt.Errorf("kleidi: rewrap: %w", err)

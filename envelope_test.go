@@ -312,3 +312,63 @@ func TestAttachedWrappedKey(t *testing.T) {
 		t.Errorf("e.Decrypt(c with a foreign wrapped key) err = %v, want kleidi.ErrUnwrap", err)
 	}
 }
+
+func TestKeyEvents(t *testing.T) {
+	p := kleiditest.NewInsecureProvider()
+	ring := kleidi.NewMemoryKeyring()
+	var mu sync.Mutex
+	var events []kleidi.KeyEvent
+	record := kleidi.WithKeyEvents(func(ev kleidi.KeyEvent) {
+		mu.Lock()
+		defer mu.Unlock()
+		events = append(events, ev)
+	})
+	e, err := kleidi.NewEnvelope(ctx, p, ring, record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := e.KeyID()
+	c := reparse(t, encrypt(t, e, "x", ""))
+	second, err := e.Rotate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Reload(ctx); err != nil {
+		t.Fatal(err)
+	}
+	fresh, err := kleidi.NewEnvelope(ctx, p, ring, record) // unwraps the active key
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.SetError(kleiditest.OpUnwrap, kleidi.ErrUnavailable)
+	fresh.Decrypt(ctx, c, nil) // a failed unwrap of the first key
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{"rotate " + first + " <nil>", "rotate " + second + " <nil>", "reload " + second + " <nil>",
+		"unwrap " + second + " <nil>", "unwrap " + first + " unavailable"}
+	var got []string
+	for _, ev := range events {
+		s := ev.Op + " " + ev.KeyID + " <nil>"
+		if ev.Err != nil {
+			s = ev.Op + " " + ev.KeyID + " " + kleidi.ErrorKind(ev.Err)
+		}
+		got = append(got, s)
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("key events:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func TestErrorKind(t *testing.T) {
+	for err, want := range map[error]string{
+		nil: "ok",
+		fmt.Errorf("x: %w", kleidi.ErrUnknownKey):     "unknown_key",
+		fmt.Errorf("x: %w", kleidi.ErrUnavailable):    "unavailable",
+		fmt.Errorf("x: %w", context.DeadlineExceeded): "deadline_exceeded",
+		errors.New("something else"):                  "error",
+	} {
+		if got := kleidi.ErrorKind(err); got != want {
+			t.Errorf("kleidi.ErrorKind(%v) = %q, want %q", err, got, want)
+		}
+	}
+}

@@ -1,6 +1,9 @@
 package kleidi
 
-import "errors"
+import (
+	"context"
+	"errors"
+)
 
 // Version is the version of this module, reported by the KMS plugin and in build information.
 const Version = "0.1.0"
@@ -43,3 +46,36 @@ var (
 	// ErrClosed means the provider was closed.
 	ErrClosed = errors.New("kleidi: provider closed")
 )
+
+// ErrorKind names the class of err for audit records and metric labels, from a small fixed set: "ok" (nil),
+// "invalid_ciphertext", "decrypt_failed", "unknown_key", "key_mismatch", "unwrap_refused", "unavailable",
+// "invalid_keyring", "too_large", "closed", "canceled", "deadline_exceeded" or "error". It never returns the
+// error's message.
+func ErrorKind(err error) string {
+	for _, k := range errorKinds {
+		if errors.Is(err, k.err) {
+			return k.kind
+		}
+	}
+	if err == nil {
+		return "ok"
+	}
+	return "error"
+}
+
+var errorKinds = []struct {
+	err  error
+	kind string
+}{
+	{ErrInvalidCiphertext, "invalid_ciphertext"},
+	{ErrDecrypt, "decrypt_failed"},
+	{ErrUnknownKey, "unknown_key"},
+	{ErrKeyMismatch, "key_mismatch"},
+	{ErrUnwrap, "unwrap_refused"},
+	{ErrUnavailable, "unavailable"},
+	{ErrInvalidKeyring, "invalid_keyring"},
+	{ErrTooLarge, "too_large"},
+	{ErrClosed, "closed"},
+	{context.Canceled, "canceled"},
+	{context.DeadlineExceeded, "deadline_exceeded"},
+}

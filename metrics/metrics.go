@@ -19,8 +19,8 @@
 //	kleidi_healthy                                               1 while the root of trust is healthy, else 0
 //	kleidi_build_info{version,go_version}                        1
 //
-// plus the Go runtime (go_*) and process (process_*) collectors. outcome is ok, unavailable, refused, canceled or
-// error; operation is wrap, unwrap or health.
+// plus the Go runtime (go_*) and process (process_*) collectors. outcome is one of the values of [kleidi.ErrorKind]
+// ("ok", "unavailable", "unwrap_refused", ...); operation is wrap, unwrap or health.
 package metrics
 
 import (
@@ -152,25 +152,10 @@ func (m *Metrics) Observe(e *kleidi.Envelope, healthy func() bool) error {
 // KeyringReloaded records a read of the keyring file: its error, and whether the active key changed.
 func (m *Metrics) KeyringReloaded(err error, rotated bool) {
 	ctx := context.Background()
-	m.reloads.Add(ctx, 1, metric.WithAttributes(attribute.String("outcome", Outcome(err))))
+	m.reloads.Add(ctx, 1, metric.WithAttributes(attribute.String("outcome", kleidi.ErrorKind(err))))
 	if rotated {
 		m.rotations.Add(ctx, 1)
 	}
-}
-
-// Outcome classifies err into the bounded outcome label: ok, unavailable, refused, canceled or error.
-func Outcome(err error) string {
-	switch {
-	case err == nil:
-		return "ok"
-	case errors.Is(err, kleidi.ErrUnavailable):
-		return "unavailable"
-	case errors.Is(err, kleidi.ErrUnwrap), errors.Is(err, kleidi.ErrKeyMismatch):
-		return "refused"
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return "canceled"
-	}
-	return "error"
 }
 
 // kmsMethods are the method label values; anything else is "other".
@@ -202,7 +187,7 @@ type provider struct {
 
 func (p *provider) record(op string, start time.Time, err error) {
 	attrs := metric.WithAttributes(attribute.String("provider", p.Name()), attribute.String("operation", op),
-		attribute.String("outcome", Outcome(err)))
+		attribute.String("outcome", kleidi.ErrorKind(err)))
 	p.m.providerOps.Add(context.Background(), 1, attrs)
 	p.m.providerDuration.Record(context.Background(), time.Since(start).Seconds(), attrs)
 }
