@@ -95,6 +95,9 @@ type listener struct {
 	once sync.Once
 }
 
+// Addr returns the socket's path, not the temporary name it was bound under.
+func (l *listener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "unix"} }
+
 func (l *listener) Close() error {
 	err := l.UnixListener.Close()
 	l.once.Do(func() { os.Remove(l.path) })

@@ -52,6 +52,9 @@ func TestListen(t *testing.T) {
 	if dir.Mode().Perm() != 0o700 {
 		t.Errorf("socket directory mode = %v, want 0700", dir.Mode().Perm())
 	}
+	if got := l.Addr().String(); got != path {
+		t.Errorf("l.Addr() = %s, want %s", got, path)
+	}
 	entries, _ := os.ReadDir(filepath.Dir(path))
 	if len(entries) != 1 {
 		t.Errorf("socket directory holds %d entries, want only the socket", len(entries))

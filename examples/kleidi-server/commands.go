@@ -1,0 +1,196 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	kmsapi "k8s.io/kms/apis/v2"
+
+	"github.com/kleidi-kms/kleidi/internal/socket"
+	"github.com/kleidi-kms/kleidi/server"
+)
+
+func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var o options
+	fs := newFlagSet("serve", stderr)
+	o.register(fs)
+	listen := fs.String("listen", defaultListen(), "unix `socket` to serve on, as unix:///path/kms.sock (its directory is created with mode 0700)")
+	httpAddr := fs.String("http-addr", "127.0.0.1:8787", "`host:port` of the HTTP endpoints /livez, /readyz, /healthz (\"off\" for none)")
+	mode := modeValue(0o600)
+	fs.Var(&mode, "socket-mode", "file `mode` of the socket, in octal: 0600 for the plugin's own user, 0660 to let its group in")
+	auditLog := fs.String("audit-log", "", "`file` to append one JSON record per KMS call to, or - for standard output (default: none)")
+	var allowed uidList
+	fs.Var(&allowed, "allowed-uids", "comma-separated `uids` allowed to call the plugin (default: any that may open the socket)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := o.setup(stderr); err != nil {
+		return err
+	}
+	o.devKeyAllowed, o.createKeyring = true, true
+	p, env, created, err := o.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	if created {
+		o.log.Info("initialised the state directory with a first KEK", "state_dir", o.stateDir, "key_id", env.KeyID())
+	}
+	cfg := server.Config{Logger: o.log, SocketMode: mode.fileMode(), AllowedUIDs: allowed}
+	if *auditLog != "" {
+		w := stdout
+		if *auditLog != "-" {
+			f, err := os.OpenFile(*auditLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+			if err != nil {
+				return fmt.Errorf("--audit-log: %w", err)
+			}
+			defer f.Close()
+			w = f
+		}
+		cfg.AuditLogger = slog.New(slog.NewJSONHandler(w, nil))
+	}
+	srv, err := server.New(env, p, cfg)
+	if err != nil {
+		return err
+	}
+	if *httpAddr != "off" && *httpAddr != "" {
+		stopHTTP, err := serveHTTP(*httpAddr, srv.Handler(), o.log)
+		if err != nil {
+			return err
+		}
+		defer stopHTTP()
+	}
+	return srv.ListenAndServe(ctx, *listen)
+}
+
+// serveHTTP serves h on addr until the returned function is called.
+func serveHTTP(addr string, h http.Handler, log *slog.Logger) (stop func(), err error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--http-addr: %w", err)
+	}
+	if ap, ok := l.Addr().(*net.TCPAddr); ok && !ap.IP.IsLoopback() {
+		log.Warn("the HTTP health endpoints listen beyond loopback", "address", l.Addr().String())
+	}
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	go hs.Serve(l)
+	log.Info("serving HTTP health endpoints", "address", "http://"+l.Addr().String())
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		hs.Shutdown(ctx)
+	}, nil
+}
+
+func (m modeValue) fileMode() os.FileMode { return os.FileMode(m) }
+
+func runInit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var o options
+	fs := newFlagSet("init", stderr)
+	o.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := o.setup(stderr); err != nil {
+		return err
+	}
+	if exists, err := o.keyringExists(); err != nil {
+		return err
+	} else if exists {
+		return fmt.Errorf("%s is already initialised (%s exists); refusing to overwrite it", o.stateDir, o.keyringPath())
+	}
+	o.devKeyAllowed, o.createKeyring = true, true
+	p, env, _, err := o.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	fmt.Fprintf(stdout, "initialised %s\nprovider: %s\nkey_id: %s\n", o.stateDir, p.Name(), env.KeyID())
+	return nil
+}
+
+func runRotate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var o options
+	fs := newFlagSet("rotate", stderr)
+	o.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := o.setup(stderr); err != nil {
+		return err
+	}
+	p, env, _, err := o.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	old := env.KeyID()
+	id, err := env.Rotate(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "key_id: %s\nprevious_key_id: %s\n", id, old)
+	return nil
+}
+
+func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("status", stderr)
+	listen := fs.String("listen", defaultListen(), "the plugin's `socket`, as unix:///path/kms.sock")
+	wait := fs.Duration("wait", 0, "wait up to this `duration` for a plugin to answer (for one that is starting)")
+	timeout := fs.Duration("timeout", 5*time.Second, "`duration` the Status call may take once connected")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	path, err := socket.ParseEndpoint(*listen)
+	if err != nil {
+		return err
+	}
+	target := "unix://" + path
+	if abstract, ok := strings.CutPrefix(path, "@"); ok {
+		target = "unix-abstract:" + abstract
+	}
+	bo := backoff.DefaultConfig
+	bo.MaxDelay = 500 * time.Millisecond
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: time.Second}))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	client := kmsapi.NewKeyManagementServiceClient(conn)
+	var st *kmsapi.StatusResponse
+	if *wait > 0 {
+		wctx, cancel := context.WithTimeout(ctx, *wait)
+		st, err = client.Status(wctx, &kmsapi.StatusRequest{}, grpc.WaitForReady(true))
+		cancel()
+	} else {
+		tctx, cancel := context.WithTimeout(ctx, *timeout)
+		st, err = client.Status(tctx, &kmsapi.StatusRequest{})
+		cancel()
+	}
+	if err != nil {
+		s, _ := status.FromError(err)
+		if s.Code() == codes.Unavailable || (s.Code() == codes.DeadlineExceeded && *wait > 0) {
+			return fmt.Errorf("no plugin answers on %s", *listen)
+		}
+		return fmt.Errorf("status call on %s: %s: %s", *listen, s.Code(), s.Message())
+	}
+	fmt.Fprintf(stdout, "version: %s\nhealthz: %s\nkey_id: %s\n", st.Version, st.Healthz, st.KeyId)
+	if st.Healthz != "ok" {
+		fmt.Fprintf(stderr, "kleidi-server status: unhealthy: %s\n", st.Healthz)
+		return errUnhealthy
+	}
+	return nil
+}

@@ -1,0 +1,231 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/gpg"
+	"github.com/kleidi-kms/kleidi/tpm"
+)
+
+// keyringFile is the keyring's name in the state directory.
+const keyringFile = "keyring.json"
+
+// options are the flags every command that opens the keyring shares.
+type options struct {
+	stateDir  string
+	provider  string
+	logFormat string
+	logLevel  string
+
+	gpgPublicKeys stringList
+	gpgPrivateKey string
+	gpgPassphrase string
+	tpmPath       string
+	tpmPCRs       string
+	tpmAuthFile   string
+	log           *slog.Logger
+	devKeyAllowed bool
+	createKeyring bool
+}
+
+func (o *options) register(fs *flag.FlagSet) {
+	fs.StringVar(&o.stateDir, "state-dir", defaultStateDir(), "`directory` of the keyring (keyring.json) and of a development key; created with mode 0700")
+	fs.StringVar(&o.provider, "provider", "gpg", "root of trust: gpg (an OpenPGP key) or tpm (a TPM 2.0)")
+	fs.Var(&o.gpgPublicKeys, "gpg-public-key", "OpenPGP public key `file` to wrap KEKs to (repeatable; in the environment, comma-separated)")
+	fs.StringVar(&o.gpgPrivateKey, "gpg-private-key", "", "OpenPGP private key `file` that unwraps KEKs; with no gpg key flag, a development key in the state directory")
+	fs.StringVar(&o.gpgPassphrase, "gpg-passphrase-file", "", "`file` holding the passphrase of the private key")
+	fs.StringVar(&o.tpmPath, "tpm", tpm.DefaultPath, "the `TPM`: a device (/dev/tpmrm0), tcp://host:port or unix:///path (swtpm), or simulator (in-process, for tests)")
+	fs.StringVar(&o.tpmPCRs, "tpm-pcrs", "", "comma-separated `PCRs` new KEKs are sealed to, such as 7 or 0,2,7 (default: none)")
+	fs.StringVar(&o.tpmAuthFile, "tpm-auth-file", "", "`file` holding the auth value of sealed KEKs (optional)")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log `format`: text or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
+}
+
+// setup makes the logger once the flags are parsed.
+func (o *options) setup(stderr io.Writer) error {
+	l, err := newLogger(o.logFormat, o.logLevel, stderr)
+	if err != nil {
+		return err
+	}
+	o.log = l
+	return nil
+}
+
+func newLogger(format, level string, w io.Writer) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+func (o *options) keyringPath() string { return filepath.Join(o.stateDir, keyringFile) }
+
+// keyringExists reports whether the state directory holds a keyring.
+func (o *options) keyringExists() (bool, error) {
+	_, err := os.Stat(o.keyringPath())
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// open opens the root of trust and the Envelope over the state directory's keyring. With createKeyring, an
+// empty state directory is initialised (a first KEK is generated); with devKeyAllowed, a development key is
+// generated for a gpg provider given no key.
+func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, bool, error) {
+	if !filepath.IsAbs(o.stateDir) {
+		abs, err := filepath.Abs(o.stateDir)
+		if err != nil {
+			return nil, nil, false, err
+		}
+		o.stateDir = abs
+	}
+	exists, err := o.keyringExists()
+	if err != nil {
+		return nil, nil, false, fmt.Errorf("state directory: %w", err)
+	}
+	if !exists && !o.createKeyring {
+		return nil, nil, false, fmt.Errorf("no keyring in %s: run kleidi-server init (or serve) first", o.stateDir)
+	}
+	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
+		return nil, nil, false, fmt.Errorf("state directory: %w", err)
+	}
+	p, err := o.openProvider(ctx)
+	if err != nil {
+		return nil, nil, false, err
+	}
+	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(o.keyringPath()))
+	if err != nil {
+		p.Close()
+		return nil, nil, false, err
+	}
+	return p, env, !exists, nil
+}
+
+func (o *options) openProvider(ctx context.Context) (kleidi.Provider, error) {
+	switch o.provider {
+	case "gpg":
+		c := gpg.Config{PublicKeyFiles: o.gpgPublicKeys, PrivateKeyFile: o.gpgPrivateKey, PassphraseFile: o.gpgPassphrase}
+		if len(c.PublicKeyFiles) == 0 && c.PrivateKeyFile == "" {
+			dir := filepath.Join(o.stateDir, "gpg")
+			var err error
+			if o.devKeyAllowed {
+				if c, err = gpg.GenerateDevelopmentKey(dir); err != nil {
+					return nil, err
+				}
+			} else {
+				c = gpg.Config{PrivateKeyFile: filepath.Join(dir, gpg.DevelopmentPrivateKeyFile)}
+			}
+			o.log.Warn("using the INSECURE development OpenPGP key of the state directory: it has no passphrase and "+
+				"protects nothing from whoever can read the state directory; pass --gpg-private-key for real use",
+				"key", c.PrivateKeyFile)
+		}
+		return gpg.New(c)
+	case "tpm":
+		pcrs, err := tpm.ParsePCRs(o.tpmPCRs)
+		if err != nil {
+			return nil, err
+		}
+		return tpm.New(ctx, tpm.Config{Path: o.tpmPath, PCRs: pcrs, AuthFile: o.tpmAuthFile})
+	}
+	return nil, fmt.Errorf("--provider %q: want gpg or tpm", o.provider)
+}
+
+// defaultStateDir is /var/lib/kleidi for root, else $XDG_STATE_HOME/kleidi or ~/.local/state/kleidi.
+func defaultStateDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/kleidi"
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); filepath.IsAbs(d) {
+		return filepath.Join(d, "kleidi")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "state", "kleidi")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("kleidi-%d", os.Geteuid()), "state")
+}
+
+// defaultListen is unix:///run/kleidi/kms.sock for root, else $XDG_RUNTIME_DIR/kleidi/kms.sock or
+// /tmp/kleidi-<uid>/kms.sock.
+func defaultListen() string {
+	if os.Geteuid() == 0 {
+		return "unix:///run/kleidi/kms.sock"
+	}
+	if d := os.Getenv("XDG_RUNTIME_DIR"); filepath.IsAbs(d) {
+		return "unix://" + filepath.Join(d, "kleidi", "kms.sock")
+	}
+	return "unix://" + filepath.Join(os.TempDir(), fmt.Sprintf("kleidi-%d", os.Geteuid()), "kms.sock")
+}
+
+// stringList is a repeatable flag; from the environment it takes a comma-separated list.
+type stringList []string
+
+func (l *stringList) String() string { return strings.Join(*l, ",") }
+
+func (l *stringList) Set(v string) error {
+	for s := range strings.SplitSeq(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			*l = append(*l, s)
+		}
+	}
+	return nil
+}
+
+// modeValue is a file mode in octal.
+type modeValue fs.FileMode
+
+func (m *modeValue) String() string { return fmt.Sprintf("%#o", fs.FileMode(*m)) }
+
+func (m *modeValue) Set(v string) error {
+	n, err := strconv.ParseUint(v, 8, 32)
+	if err != nil || n&^0o777 != 0 || n&0o600 != 0o600 {
+		return fmt.Errorf("want an octal mode from 0600 to 0777, such as 0600 or 0660")
+	}
+	*m = modeValue(n)
+	return nil
+}
+
+// uidList is a comma-separated list of user IDs.
+type uidList []uint32
+
+func (l *uidList) String() string {
+	s := make([]string, len(*l))
+	for i, u := range *l {
+		s[i] = strconv.FormatUint(uint64(u), 10)
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *uidList) Set(v string) error {
+	*l = nil
+	for s := range strings.SplitSeq(v, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		n, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			return fmt.Errorf("%q is not a numeric uid", s)
+		}
+		*l = append(*l, uint32(n))
+	}
+	return nil
+}
