@@ -1,0 +1,216 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Machine describes where a figure was measured. The load average matters: a figure taken while other work
+// runs on the machine is only comparable to one taken beside it.
+type Machine struct {
+	NumCPU    int    `json:"nproc"`
+	CPU       string `json:"cpu_model"`
+	Kernel    string `json:"kernel"`
+	GoVersion string `json:"go_version"`
+	// LoadAvg is the 1, 5 and 15 minute load average from /proc/loadavg when the run started.
+	LoadAvg string `json:"loadavg"`
+}
+
+func machineFacts() Machine {
+	m := Machine{NumCPU: runtime.NumCPU(), GoVersion: runtime.Version(), LoadAvg: loadAvg()}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	return m
+}
+
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// Memory is the resident set of the plugin process, from /proc/PID/status, in KiB.
+type Memory struct {
+	PID int `json:"pid"`
+	// Before is VmRSS just before the load started (idle, after any warm-up).
+	Before int64 `json:"rss_before_kib"`
+	// Max is the largest VmRSS sampled (every 100 ms) while the load ran.
+	Max int64 `json:"rss_max_kib"`
+	// HWM is VmHWM after the load: the peak resident set since the process started.
+	HWM int64 `json:"hwm_kib"`
+}
+
+// procStatus reads the KiB values of VmRSS and VmHWM of pid.
+func procStatus(pid int) (rss, hwm int64, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(v)
+		if len(f) == 0 {
+			continue
+		}
+		n, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			continue
+		}
+		switch k {
+		case "VmRSS":
+			rss = n
+		case "VmHWM":
+			hwm = n
+		}
+	}
+	return rss, hwm, nil
+}
+
+// memorySampler samples the resident set of a process until stopped.
+type memorySampler struct {
+	mem  Memory
+	stop context.CancelFunc
+	done chan struct{}
+}
+
+func startMemorySampler(pid int) (*memorySampler, error) {
+	rss, _, err := procStatus(pid)
+	if err != nil {
+		return nil, fmt.Errorf("read memory of pid %d: %w", pid, err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	s := &memorySampler{mem: Memory{PID: pid, Before: rss, Max: rss}, stop: stop, done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if rss, _, err := procStatus(pid); err == nil {
+					s.mem.Max = max(s.mem.Max, rss)
+				}
+			}
+		}
+	}()
+	return s, nil
+}
+
+func (s *memorySampler) finish() Memory {
+	s.stop()
+	<-s.done
+	if rss, hwm, err := procStatus(s.mem.PID); err == nil {
+		s.mem.Max = max(s.mem.Max, rss)
+		s.mem.HWM = hwm
+	}
+	return s.mem
+}
+
+// scrapeCounters fetches a Prometheus text exposition from url and returns the value of every sample whose
+// metric name starts with one of prefixes, keyed by the series as written (name and labels).
+func scrapeCounters(ctx context.Context, url string, prefixes []string) (map[string]float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Accept", "text/plain")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return parseExposition(body, prefixes), nil
+}
+
+// parseExposition reads the samples of a Prometheus text exposition whose names start with one of prefixes.
+func parseExposition(body []byte, prefixes []string) map[string]float64 {
+	out := map[string]float64{}
+	for line := range bytes.SplitSeq(body, []byte("\n")) {
+		s := strings.TrimSpace(string(line))
+		if s == "" || s[0] == '#' {
+			continue
+		}
+		end := strings.IndexAny(s, "{ ")
+		if end < 0 {
+			continue
+		}
+		name := s[:end]
+		if !hasAnyPrefix(name, prefixes) {
+			continue
+		}
+		series, rest := name, s[end:]
+		if rest[0] == '{' {
+			closing := strings.LastIndex(rest, "}")
+			if closing < 0 {
+				continue
+			}
+			series, rest = name+rest[:closing+1], rest[closing+1:]
+		}
+		f := strings.Fields(rest)
+		if len(f) == 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(f[0], 64)
+		if err != nil {
+			continue
+		}
+		out[series] = v
+	}
+	return out
+}
+
+func hasAnyPrefix(s string, prefixes []string) bool {
+	for _, p := range prefixes {
+		if strings.HasPrefix(s, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// counterDeltas returns after-before for every series in after (a series missing before counts from 0).
+func counterDeltas(before, after map[string]float64) map[string]float64 {
+	out := map[string]float64{}
+	for k, v := range after {
+		out[k] = v - before[k]
+	}
+	return out
+}
