@@ -1,0 +1,877 @@
+// Tests of the deployment files in this directory: the Helm chart renders and lints for every ci/*.yaml with
+// the security settings every variant must keep, the static pod manifest keeps the same settings, the
+// systemd unit verifies, and a CGO_ENABLED=0 build of kleidi-server (the Containerfile's build) serves with
+// the gpg and the tpm provider, as the non-root uid the manifests use.
+//
+// They need helm (go install helm.sh/helm/v3/cmd/helm@v3.22.0), swtpm and gnupg; systemd-analyze is used
+// where it exists. The same manifests are validated by a real kube-apiserver in test/e2e/deploy_test.go.
+package deploy_test
+
+import (
+	"bytes"
+	"context"
+	"debug/elf"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The uid and gid of every manifest here and of the image's USER.
+const pluginID = 65532
+
+var (
+	deployDir = func() string {
+		wd, err := os.Getwd()
+		if err != nil {
+			panic(err)
+		}
+		return wd
+	}()
+	repoRoot = filepath.Dir(deployDir)
+	chartDir = filepath.Join(deployDir, "helm", "kleidi")
+)
+
+// run runs a command with a time limit and returns its combined output.
+func run(t testing.TB, timeout time.Duration, dir string, env []string, name string, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("%w (timed out after %s)", err, timeout)
+	}
+	return string(out), err
+}
+
+func mustRun(t testing.TB, dir string, name string, args ...string) string {
+	t.Helper()
+	out, err := run(t, 5*time.Minute, dir, nil, name, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// helmBin finds helm on PATH or in $(go env GOPATH)/bin, where go install puts it.
+func helmBin(t testing.TB) string {
+	t.Helper()
+	if p, err := exec.LookPath("helm"); err == nil {
+		return p
+	}
+	if gopath, err := run(t, time.Minute, "", nil, "go", "env", "GOPATH"); err == nil {
+		p := filepath.Join(strings.TrimSpace(gopath), "bin", "helm")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	t.Fatal("helm not found on PATH or in $(go env GOPATH)/bin: install it with `go install helm.sh/helm/v3/cmd/helm@v3.22.0`")
+	return ""
+}
+
+func ciValueFiles(t testing.TB) []string {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(chartDir, "ci", "*.yaml"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no ci/*.yaml in %s: %v", chartDir, err)
+	}
+	return files
+}
+
+// manifest is one document of a YAML stream.
+type manifest struct {
+	kind, name, text string
+}
+
+var (
+	kindRe = regexp.MustCompile(`(?m)^kind:\s*(\S+)`)
+	nameRe = regexp.MustCompile(`(?m)^metadata:\s*\n(?:\s+.*\n)*?\s+name:\s*(\S+)`)
+)
+
+// splitManifests splits a YAML stream at its "---" lines, dropping documents with no kind.
+func splitManifests(stream string) []manifest {
+	var out []manifest
+	for doc := range strings.SplitSeq("\n"+stream, "\n---") {
+		k := kindRe.FindStringSubmatch(doc)
+		if k == nil {
+			continue
+		}
+		m := manifest{kind: k[1], text: doc + "\n"}
+		if n := nameRe.FindStringSubmatch(doc); n != nil {
+			m.name = n[1]
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func byKind(ms []manifest, kind string) []manifest {
+	var out []manifest
+	for _, m := range ms {
+		if m.kind == kind {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// mustMatch fails unless re matches text at least n times.
+func mustMatch(t testing.TB, what, text, re string, n int) {
+	t.Helper()
+	if got := len(regexp.MustCompile(re).FindAllString(text, -1)); got < n {
+		t.Errorf("%s: want %d or more matches of %q, got %d", what, n, re, got)
+	}
+}
+
+func mustNotMatch(t testing.TB, what, text, re string) {
+	t.Helper()
+	if m := regexp.MustCompile(re).FindString(text); m != "" {
+		t.Errorf("%s: unexpected %q", what, m)
+	}
+}
+
+// checkPodSecurity asserts the settings every pod of kleidi keeps, at pod and container level.
+func checkPodSecurity(t testing.TB, what, text string) {
+	t.Helper()
+	mustMatch(t, what, text, `runAsNonRoot: true`, 2)
+	mustMatch(t, what, text, `readOnlyRootFilesystem: true`, 1)
+	mustMatch(t, what, text, `allowPrivilegeEscalation: false`, 1)
+	mustMatch(t, what, text, `capabilities:\s*\n\s+drop:\s*\n\s+- ALL\n`, 1)
+	mustMatch(t, what, text, `seccompProfile:\s*\n\s+type: RuntimeDefault\n`, 2)
+	mustMatch(t, what, text, `runAsUser: 65532\n`, 2)
+	mustMatch(t, what, text, `runAsGroup: 65532\n`, 2)
+	for _, m := range regexp.MustCompile(`(?:runAsUser|runAsGroup|fsGroup): (\S+)`).FindAllStringSubmatch(text, -1) {
+		if m[1] != strconv.Itoa(pluginID) {
+			t.Errorf("%s: %s, want %d", what, m[0], pluginID)
+		}
+	}
+	mustNotMatch(t, what, text, `privileged: true`)
+	mustNotMatch(t, what, text, `capabilities:\s*\n\s+add:`)
+	mustNotMatch(t, what, text, `hostPID: true|hostIPC: true`)
+	// The socket and state directories come from the host, prepared for the non-root uid.
+	mustMatch(t, what, text, `hostPath:\s*\n\s+path: /var/run/kleidi\n\s+type: Directory\n`, 1)
+	mustMatch(t, what, text, `hostPath:\s*\n\s+path: /var/lib/kleidi\n\s+type: Directory\n`, 1)
+	mustMatch(t, what, text, `- --listen=unix:///var/run/kleidi/kms.sock\n`, 1)
+	mustMatch(t, what, text, `- --state-dir=/var/lib/kleidi\n`, 1)
+	mustMatch(t, what, text, `- --socket-mode=0600\n`, 1)
+	// Probes on the HTTP endpoints.
+	mustMatch(t, what, text, `livenessProbe:\s*\n\s+httpGet:\s*\n(?:\s+host: .*\n)?\s+path: /livez\n`, 1)
+	mustMatch(t, what, text, `readinessProbe:\s*\n\s+httpGet:\s*\n(?:\s+host: .*\n)?\s+path: /readyz\n`, 1)
+	mustMatch(t, what, text, `resources:\s*\n\s+(?:limits|requests):`, 1)
+}
+
+// ciCase says what each ci/*.yaml must render. A new value file needs an entry here.
+type ciCase struct {
+	tpm, devicePlugin, hostNetwork bool
+	service, serviceMonitor        bool
+}
+
+var ciCases = map[string]ciCase{
+	"gpg.yaml":                    {service: true},
+	"tpm.yaml":                    {tpm: true, service: true},
+	"tpm-device-plugin.yaml":      {tpm: true, devicePlugin: true, hostNetwork: true, service: true},
+	"metrics-off.yaml":            {},
+	"metrics-servicemonitor.yaml": {service: true, serviceMonitor: true},
+}
+
+func TestHelmLint(t *testing.T) {
+	helm := helmBin(t)
+	t.Run("defaults", func(t *testing.T) {
+		out := mustRun(t, "", helm, "lint", "--strict", chartDir)
+		t.Log(lastLine(out))
+	})
+	for _, f := range ciValueFiles(t) {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			out := mustRun(t, "", helm, "lint", "--strict", "-f", f, chartDir)
+			t.Log(lastLine(out))
+		})
+	}
+}
+
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return lines[len(lines)-1]
+}
+
+func TestHelmTemplate(t *testing.T) {
+	helm := helmBin(t)
+	seen := map[string]bool{}
+	for _, f := range ciValueFiles(t) {
+		name := filepath.Base(f)
+		seen[name] = true
+		want, ok := ciCases[name]
+		if !ok {
+			t.Errorf("ci/%s has no entry in ciCases: say what it must render", name)
+			continue
+		}
+		t.Run(name, func(t *testing.T) {
+			out := mustRun(t, "", helm, "template", "kleidi", chartDir, "--namespace", "kube-system", "-f", f)
+			ms := splitManifests(out)
+			ds := byKind(ms, "DaemonSet")
+			if len(ds) != 1 {
+				t.Fatalf("want 1 DaemonSet, got %d:\n%s", len(ds), out)
+			}
+			text := ds[0].text
+			checkPodSecurity(t, "DaemonSet", text)
+			for _, m := range ms {
+				if !strings.Contains(m.text, "\n  namespace: kube-system\n") {
+					t.Errorf("%s %s is not in the release namespace", m.kind, m.name)
+				}
+			}
+			mustMatch(t, "DaemonSet", text, `nodeSelector:\s*\n\s+node-role.kubernetes.io/control-plane: ""\n`, 1)
+			mustMatch(t, "DaemonSet", text, `- effect: NoSchedule\n\s+key: node-role.kubernetes.io/control-plane\n\s+operator: Exists\n`, 1)
+			mustMatch(t, "DaemonSet", text, `- --http-addr=0\.0\.0\.0:8787\n`, 1)
+			mustMatch(t, "DaemonSet", text, `automountServiceAccountToken: false`, 1)
+			mustMatch(t, "DaemonSet", text, `hostNetwork: `+strconv.FormatBool(want.hostNetwork)+`\n`, 1)
+
+			if want.tpm {
+				mustMatch(t, "DaemonSet", text, `supplementalGroups:\s*\n\s+- 59\n`, 1)
+				mustMatch(t, "DaemonSet", text, `- --provider=tpm\n`, 1)
+				mustMatch(t, "DaemonSet", text, `- --tpm=/dev/tpmrm0\n`, 1)
+				if !want.devicePlugin {
+					mustMatch(t, "DaemonSet", text, `- --allowed-uids=0\n`, 1)
+				}
+				mustNotMatch(t, "DaemonSet", text, `gpg`)
+				if want.devicePlugin {
+					mustMatch(t, "DaemonSet", text, `limits:\s*\n(?:\s+.*\n)*?\s+squat.ai/tpm: "1"\n`, 1)
+					mustNotMatch(t, "DaemonSet", text, `CharDevice`)
+				} else {
+					mustMatch(t, "DaemonSet", text, `- mountPath: /dev/tpmrm0\n\s+name: tpm-device\n|name: tpm-device\n\s+mountPath: /dev/tpmrm0\n`, 1)
+					mustMatch(t, "DaemonSet", text, `hostPath:\s*\n\s+path: /dev/tpmrm0\n\s+type: CharDevice\n`, 1)
+				}
+			} else {
+				// Neither the tss group nor the TPM device reaches a pod that does not use them.
+				mustNotMatch(t, "DaemonSet", text, `supplementalGroups|tpmrm0|--tpm`)
+				mustMatch(t, "DaemonSet", text, `- --provider=gpg\n`, 1)
+				// Key files readable by the plugin's group (fsGroup) only.
+				mustMatch(t, "DaemonSet", text, `secret:\s*\n\s+secretName: kleidi-gpg\n\s+defaultMode: 0440\n`, 1)
+				mustMatch(t, "DaemonSet", text, `- --gpg-private-key=/etc/kleidi/gpg/private.asc\n`, 1)
+				mustMatch(t, "DaemonSet", text, `fsGroup: 65532\n`, 1)
+			}
+
+			if got := len(byKind(ms, "Service")); got != b2i(want.service) {
+				t.Errorf("want %d metrics Service, got %d", b2i(want.service), got)
+			}
+			sm := byKind(ms, "ServiceMonitor")
+			if got := len(sm); got != b2i(want.serviceMonitor) {
+				t.Errorf("want %d ServiceMonitor, got %d", b2i(want.serviceMonitor), got)
+			}
+			if len(sm) == 1 {
+				mustMatch(t, "ServiceMonitor", sm[0].text, `- port: http\n\s+path: /metrics\n`, 1)
+			}
+			if len(byKind(ms, "ServiceAccount")) != 1 {
+				t.Error("want one ServiceAccount")
+			}
+		})
+	}
+	for name := range ciCases {
+		if !seen[name] {
+			t.Errorf("ciCases names ci/%s, which does not exist", name)
+		}
+	}
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// TestHelmValuesRejected checks that values.schema.json and the templates refuse values that would render a
+// broken or unsafe DaemonSet, with a message that names the value.
+func TestHelmValuesRejected(t *testing.T) {
+	helm := helmBin(t)
+	for _, c := range []struct {
+		set  []string
+		want string
+	}{
+		{[]string{"provider=vault"}, "/provider"},
+		{[]string{"uid=0"}, "/uid"},
+		{[]string{"gid=0"}, "/gid"},
+		{[]string{"uid=root"}, "/uid"},
+		{[]string{"provider=tpm"}, "tssGid"},
+		{[]string{"provider=tpm", "tpm.tssGid=tss"}, "tssGid"},
+		{[]string{"provider=tpm", "tpm.tssGid=59", "tpm.pcrs=7;8"}, "/tpm/pcrs"},
+		{[]string{"gpg.existingSecret="}, "existingSecret"},
+		{[]string{"socket.mode=0666"}, "/socket/mode"},
+		{[]string{"socket.hostPathType=DirectoryOrCreat"}, "/socket/hostPathType"},
+		{[]string{"http.port=80"}, "/http/port"},
+		{[]string{"log.format=xml"}, "/log/format"},
+		{[]string{"metrics.enabled=false", "metrics.serviceMonitor.enabled=true"}, "needs metrics.enabled"},
+		{[]string{"privileged=true"}, "privileged"},
+	} {
+		args := []string{"template", "kleidi", chartDir}
+		for _, s := range c.set {
+			args = append(args, "--set", s)
+		}
+		out, err := run(t, time.Minute, "", nil, helm, args...)
+		if err == nil {
+			t.Errorf("--set %v: rendered, want an error", c.set)
+			continue
+		}
+		if !strings.Contains(out, c.want) {
+			t.Errorf("--set %v: error does not name %q:\n%s", c.set, c.want, out)
+		}
+	}
+}
+
+// TestHelmNotes renders NOTES.txt (helm template leaves it out) through a copy of the chart, and checks that
+// it prints an EncryptionConfiguration for the chart's socket.
+func TestHelmNotes(t *testing.T) {
+	helm := helmBin(t)
+	dir := filepath.Join(t.TempDir(), "kleidi")
+	if err := os.CopyFS(dir, os.DirFS(chartDir)); err != nil {
+		t.Fatal(err)
+	}
+	notes, err := os.ReadFile(filepath.Join(chartDir, "templates", "NOTES.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "notes.tmpl"), notes, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	wrapper := "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n" +
+		`{{ tpl (.Files.Get "notes.tmpl") . | indent 4 }}` + "\n"
+	if err := os.WriteFile(filepath.Join(dir, "templates", "zz-notes.yaml"), []byte(wrapper), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := mustRun(t, "", helm, "template", "kleidi", dir, "-n", "kube-system", "--show-only", "templates/zz-notes.yaml",
+		"--set", "socket.hostDir=/run/kms", "--set", "socket.name=k.sock")
+	for _, want := range []string{
+		"kind: EncryptionConfiguration",
+		"apiVersion: v2",
+		"name: kleidi",
+		"endpoint: unix:///run/kms/k.sock",
+		"- identity: {}",
+		"/livez?exclude=kms-providers",
+		"install -d -o 65532 -g 65532 -m 0750 /run/kms",
+		"rollout status daemonset/kleidi",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("NOTES.txt lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestStaticPod(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(deployDir, "static-pod", "kleidi.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(b)
+	if strings.Contains(text, "\t") {
+		t.Fatal("tab characters in YAML")
+	}
+	ms := splitManifests(text)
+	if len(ms) != 1 || ms[0].kind != "Pod" || ms[0].name != "kleidi" {
+		t.Fatalf("want exactly one Pod named kleidi, got %+v", ms)
+	}
+	checkPodSecurity(t, "static pod", text)
+	mustMatch(t, "static pod", text, `(?m)^apiVersion: v1$`, 1)
+	mustMatch(t, "static pod", text, `\n  namespace: kube-system\n`, 1)
+	// The kubelet starts a static pod before any CNI plugin: host network, endpoints on loopback only.
+	mustMatch(t, "static pod", text, `\n  hostNetwork: true\n`, 1)
+	mustMatch(t, "static pod", text, `- --http-addr=127\.0\.0\.1:8787\n`, 1)
+	mustMatch(t, "static pod", text, `host: 127\.0\.0\.1\n`, 3)
+	mustMatch(t, "static pod", text, `priorityClassName: system-node-critical`, 1)
+	// A static pod may not reference API objects.
+	mustNotMatch(t, "static pod", text, `(?m)^\s+(secret|configMap|serviceAccountName|persistentVolumeClaim):`)
+	mustMatch(t, "static pod", text, `supplementalGroups:\s*\n\s+- \d+\n`, 1)
+	mustMatch(t, "static pod", text, `hostPath:\s*\n\s+path: /dev/tpmrm0\n\s+type: CharDevice\n`, 1)
+}
+
+func TestTmpfiles(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(deployDir, "tmpfiles.d", "kleidi.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(b)
+	mustMatch(t, "tmpfiles.d", text, `(?m)^d\s+/run/kleidi\s+0750\s+65532\s+65532\s+-$`, 1)
+	mustMatch(t, "tmpfiles.d", text, `(?m)^d\s+/var/lib/kleidi\s+0700\s+65532\s+65532\s+-$`, 1)
+	if p, err := exec.LookPath("systemd-tmpfiles"); err == nil {
+		// --cat-config-free check: parse the file under a scratch root without creating anything in /.
+		root := t.TempDir()
+		out, err := run(t, time.Minute, "", nil, p, "--root="+root, "--create", filepath.Join(deployDir, "tmpfiles.d", "kleidi.conf"))
+		if err != nil && os.Geteuid() == 0 {
+			t.Errorf("systemd-tmpfiles --create under a scratch root: %v\n%s", err, out)
+		}
+		if os.Geteuid() == 0 {
+			for _, d := range []string{"run/kleidi", "var/lib/kleidi"} {
+				fi, err := os.Stat(filepath.Join(root, d))
+				if err != nil {
+					t.Errorf("systemd-tmpfiles did not create /%s: %v\n%s", d, err, out)
+					continue
+				}
+				if st := fi.Sys().(*syscall.Stat_t); st.Uid != pluginID || st.Gid != pluginID {
+					t.Errorf("/%s is owned by %d:%d, want %d:%d", d, st.Uid, st.Gid, pluginID, pluginID)
+				}
+			}
+		}
+	}
+}
+
+// TestSystemdUnit verifies the unit with systemd-analyze where it exists, and rates its sandboxing.
+func TestSystemdUnit(t *testing.T) {
+	unitPath := filepath.Join(deployDir, "systemd", "kleidi.service")
+	b, err := os.ReadFile(unitPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := string(b)
+	for _, re := range []string{
+		`(?m)^User=kleidi$`, `(?m)^Group=kleidi$`, `(?m)^SupplementaryGroups=tss$`, `(?m)^ProtectSystem=strict$`,
+		`(?m)^StateDirectory=kleidi$`, `(?m)^RuntimeDirectory=kleidi$`, `(?m)^RuntimeDirectoryPreserve=yes$`,
+		`(?m)^NoNewPrivileges=yes$`, `(?m)^CapabilityBoundingSet=$`, `(?m)^Before=kubelet.service$`,
+		`(?m)^WantedBy=.*\bkubelet.service\b`, `(?m)^EnvironmentFile=/etc/kleidi/kleidi.env$`,
+		`(?m)^ExecStart=/usr/local/bin/kleidi-server serve$`, `(?m)^DeviceAllow=/dev/tpmrm0 rw$`,
+	} {
+		mustMatch(t, "kleidi.service", unit, re, 1)
+	}
+	sysusers, err := os.ReadFile(filepath.Join(deployDir, "systemd", "kleidi.sysusers"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustMatch(t, "kleidi.sysusers", string(sysusers), `(?m)^u kleidi 65532 `, 1)
+
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Log("systemd-analyze is not available on this machine: the unit was checked by the rules above only")
+		return
+	}
+	// systemd-analyze verify fails on an ExecStart binary that does not exist, and kleidi-server is not
+	// installed here: verify a copy whose ExecStart names an executable stand-in, with nothing else changed.
+	dir := t.TempDir()
+	stand := filepath.Join(dir, "kleidi-server")
+	if err := os.WriteFile(stand, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	copyPath := filepath.Join(dir, "kleidi.service")
+	if err := os.WriteFile(copyPath, []byte(strings.Replace(unit, "ExecStart=/usr/local/bin/kleidi-server", "ExecStart="+stand, 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, time.Minute, dir, nil, analyze, "verify", copyPath)
+	if err != nil || strings.TrimSpace(out) != "" {
+		// Unknown or misspelt directives are only warnings to systemd; they fail here.
+		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+	t.Log("systemd-analyze verify: no findings")
+
+	out, err = run(t, time.Minute, dir, nil, analyze, "security", "--offline=yes", "--no-pager", copyPath)
+	m := regexp.MustCompile(`Overall exposure level for kleidi.service: ([0-9.]+)`).FindStringSubmatch(out)
+	if err != nil || m == nil {
+		t.Logf("systemd-analyze security --offline is not supported here (%v); skipped the exposure rating", err)
+		return
+	}
+	if level, _ := strconv.ParseFloat(m[1], 64); level > 2.0 {
+		t.Errorf("systemd-analyze security: exposure %s, want 2.0 or less:\n%s", m[1], out)
+	}
+	t.Logf("systemd-analyze security: exposure %s", m[1])
+}
+
+func TestContainerfile(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(deployDir, "Containerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(b)
+	if n := len(regexp.MustCompile(`(?m)^FROM `).FindAllString(text, -1)); n < 2 {
+		t.Errorf("want a multi-stage build, got %d FROM lines", n)
+	}
+	mustMatch(t, "Containerfile", text, `(?m)^FROM \S+ AS build$`, 1)
+	mustMatch(t, "Containerfile", text, `CGO_ENABLED=0`, 1)
+	mustMatch(t, "Containerfile", text, `go build -trimpath .*\./examples/kleidi-server`, 1)
+	mustMatch(t, "Containerfile", text, `(?m)^FROM gcr.io/distroless/static\S*:nonroot$`, 1)
+	mustMatch(t, "Containerfile", text, `(?m)^USER 65532:65532$`, 1)
+	mustMatch(t, "Containerfile", text, `(?m)^COPY --from=build /out/kleidi-server /usr/local/bin/kleidi-server$`, 1)
+	mustMatch(t, "Containerfile", text, `(?m)^ENTRYPOINT \["/usr/local/bin/kleidi-server"\]$`, 1)
+}
+
+// buildStatic builds examples/kleidi-server as the Containerfile does, into a directory every uid can read.
+func buildStatic(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "kleidi-deploy-bin-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "kleidi-server")
+	out, err := run(t, 10*time.Minute, repoRoot, []string{"CGO_ENABLED=0"}, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "./examples/kleidi-server")
+	if err != nil {
+		t.Fatalf("CGO_ENABLED=0 go build ./examples/kleidi-server: %v\n%s", err, out)
+	}
+	f, err := elf.Open(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			t.Fatal("the CGO_ENABLED=0 build has a dynamic loader: it is not static")
+		}
+	}
+	return bin
+}
+
+// node is the host side of a deployment: the state and socket directories, owned by the plugin's uid when the
+// test runs as root, as deploy/tmpfiles.d/kleidi.conf makes them.
+type node struct {
+	bin, dir, stateDir, sockDir, sock, httpAddr string
+	asPlugin                                    bool
+}
+
+func newNode(t *testing.T, bin string) *node {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "kleidi-deploy-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	n := &node{bin: bin, dir: dir, stateDir: filepath.Join(dir, "lib"), sockDir: filepath.Join(dir, "run"), asPlugin: os.Geteuid() == 0}
+	n.sock = filepath.Join(n.sockDir, "kms.sock")
+	n.httpAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
+	for d, mode := range map[string]os.FileMode{n.stateDir: 0o700, n.sockDir: 0o750} {
+		if err := os.Mkdir(d, mode); err != nil {
+			t.Fatal(err)
+		}
+		n.chown(t, d)
+	}
+	return n
+}
+
+func (n *node) chown(t testing.TB, path string) {
+	t.Helper()
+	if n.asPlugin {
+		if err := os.Chown(path, pluginID, pluginID); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// command runs kleidi-server as the plugin's uid and gid (when the test is root), with extra supplementary groups.
+func (n *node) command(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, n.bin, args...)
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "HOME=" + n.dir}
+	if n.asPlugin {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: pluginID, Gid: pluginID, Groups: []uint32{}}}
+	}
+	cmd.WaitDelay = 5 * time.Second
+	return cmd
+}
+
+// serve starts kleidi-server serve with the flags the manifests use and waits until it is ready.
+func (n *node) serve(t *testing.T, providerFlags ...string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	args := append([]string{"serve",
+		"--listen=unix://" + n.sock,
+		"--socket-mode=0600",
+		"--state-dir=" + n.stateDir,
+		"--http-addr=" + n.httpAddr,
+		"--log-format=json",
+		"--log-level=info",
+		"--audit-log=-",
+	}, providerFlags...)
+	cmd := n.command(ctx, args...)
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	stopped := false
+	stop := func() error {
+		if stopped {
+			return nil
+		}
+		stopped = true
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(20 * time.Second):
+			cancel()
+			return errors.New("no exit within 20 s of SIGTERM")
+		}
+	}
+	t.Cleanup(func() {
+		stop()
+		cancel()
+		if t.Failed() {
+			t.Logf("kleidi-server output:\n%s", logs.String())
+		}
+	})
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		select {
+		case err := <-done:
+			stopped = true
+			t.Fatalf("kleidi-server serve exited: %v\n%s", err, logs.String())
+		default:
+		}
+		if code, _, err := httpGet(n.httpAddr, "/readyz"); err == nil && code == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kleidi-server not ready within 30 s\n%s", logs.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// The probes of every manifest, and the socket kube-apiserver dials.
+	for _, path := range []string{"/livez", "/readyz", "/healthz"} {
+		code, body, err := httpGet(n.httpAddr, path)
+		if err != nil || code != http.StatusOK {
+			t.Errorf("GET %s: %d %q %v", path, code, body, err)
+		}
+	}
+	fi, err := os.Lstat(n.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket %s: mode %v, want a socket with mode 0600", n.sock, fi.Mode())
+	}
+	if st := fi.Sys().(*syscall.Stat_t); n.asPlugin && st.Uid != pluginID {
+		t.Errorf("socket owned by uid %d, want %d", st.Uid, pluginID)
+	}
+
+	// status exits 0 only when the plugin is healthy.
+	sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer scancel()
+	out, err := n.command(sctx, "status", "--listen=unix://"+n.sock).CombinedOutput()
+	if err != nil {
+		t.Fatalf("kleidi-server status: %v\n%s", err, out)
+	}
+	t.Logf("status: %s", strings.TrimSpace(string(out)))
+
+	// SIGTERM: a clean exit that removes the socket.
+	if err := stop(); err != nil {
+		t.Fatalf("kleidi-server serve after SIGTERM: %v\n%s", err, logs.String())
+	}
+	if _, err := os.Lstat(n.sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket still there after SIGTERM: %v", err)
+	}
+	if strings.Contains(logs.String(), "BEGIN PGP PRIVATE KEY") {
+		t.Error("the log holds a private key")
+	}
+}
+
+func httpGet(addr, path string) (int, string, error) {
+	c := http.Client{Timeout: 3 * time.Second}
+	resp, err := c.Get("http://" + addr + path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), nil
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// TestStaticBinary builds kleidi-server with CGO_ENABLED=0, as the Containerfile does, and serves with each
+// provider as the image's non-root uid.
+func TestStaticBinary(t *testing.T) {
+	bin := buildStatic(t)
+
+	t.Run("flags", func(t *testing.T) { checkFlags(t, bin) })
+
+	t.Run("gpg", func(t *testing.T) {
+		n := newNode(t, bin)
+		pub, priv, pass := gpgKey(t, n)
+		n.serve(t, "--provider=gpg", "--gpg-public-key="+pub, "--gpg-private-key="+priv, "--gpg-passphrase-file="+pass)
+	})
+
+	t.Run("tpm-swtpm", func(t *testing.T) {
+		n := newNode(t, bin)
+		addr := startSwtpm(t, n.dir)
+		n.serve(t, "--provider=tpm", "--tpm=tcp://"+addr)
+	})
+
+	t.Run("tpm-simulator-absent", func(t *testing.T) {
+		n := newNode(t, bin)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, err := n.command(ctx, "serve", "--listen=unix://"+n.sock, "--state-dir="+n.stateDir,
+			"--http-addr="+n.httpAddr, "--provider=tpm", "--tpm=simulator").CombinedOutput()
+		if ctx.Err() != nil {
+			t.Fatalf("serve --tpm simulator did not exit within 30 s:\n%s", out)
+		}
+		if err == nil {
+			t.Fatalf("serve --tpm simulator in a CGO_ENABLED=0 build succeeded:\n%s", out)
+		}
+		if !strings.Contains(string(out), "cgo") {
+			t.Errorf("serve --tpm simulator: the error does not say the simulator needs cgo:\n%s", out)
+		}
+		t.Logf("serve --tpm simulator: %v: %s", err, lastLine(string(out)))
+	})
+}
+
+var flagRe = regexp.MustCompile(`(?m)^\s+-(?:-)?([a-z][a-z0-9-]*)`)
+
+// checkFlags checks that every flag the manifests pass, and every KLEIDI_ variable of the systemd
+// environment file, is one that kleidi-server serve knows.
+func checkFlags(t *testing.T, bin string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	help, _ := exec.CommandContext(ctx, bin, "serve", "--help").CombinedOutput()
+	var known []string
+	for _, m := range flagRe.FindAllStringSubmatch(string(help), -1) {
+		known = append(known, m[1])
+	}
+	if !slices.Contains(known, "listen") || !slices.Contains(known, "state-dir") {
+		t.Fatalf("kleidi-server serve --help lists no --listen or --state-dir:\n%s", help)
+	}
+
+	var texts []string
+	for _, f := range []string{filepath.Join(deployDir, "static-pod", "kleidi.yaml"), filepath.Join(chartDir, "templates", "daemonset.yaml")} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		texts = append(texts, string(b))
+	}
+	for _, text := range texts {
+		for _, m := range regexp.MustCompile(`(?m)^\s*#?\s*- --([a-z][a-z0-9-]*)=`).FindAllStringSubmatch(text, -1) {
+			if !slices.Contains(known, m[1]) {
+				t.Errorf("a manifest passes --%s, which kleidi-server serve does not know", m[1])
+			}
+		}
+	}
+	env, err := os.ReadFile(filepath.Join(deployDir, "systemd", "kleidi.env"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range regexp.MustCompile(`(?m)^#?KLEIDI_([A-Z0-9_]+)=`).FindAllStringSubmatch(string(env), -1) {
+		flag := strings.ToLower(strings.ReplaceAll(m[1], "_", "-"))
+		if !slices.Contains(known, flag) {
+			t.Errorf("kleidi.env sets KLEIDI_%s, but kleidi-server serve has no --%s", m[1], flag)
+		}
+	}
+}
+
+// gpgKey makes an OpenPGP key pair with GnuPG and returns the armored public and private key files and the
+// passphrase file, readable by the plugin's uid only, as the chart's Secret volume or /etc/kleidi/gpg gives them.
+func gpgKey(t *testing.T, n *node) (pub, priv, pass string) {
+	t.Helper()
+	if _, err := exec.LookPath("gpg"); err != nil {
+		t.Fatal("gpg not found on PATH: install gnupg (apt-get install gnupg)")
+	}
+	home := filepath.Join(n.dir, "gnupg")
+	if err := os.Mkdir(home, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	keys := filepath.Join(n.dir, "gpg")
+	if err := os.Mkdir(keys, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	n.chown(t, keys)
+	pass = filepath.Join(keys, "passphrase")
+	if err := os.WriteFile(pass, []byte("deploy-test-passphrase\n"), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	gpg := []string{"--homedir", home, "--batch", "--no-tty", "--pinentry-mode", "loopback", "--passphrase-file", pass}
+	t.Cleanup(func() { run(t, time.Minute, "", nil, "gpgconf", "--homedir", home, "--kill", "all") })
+	email := "deploy@kleidi.invalid"
+	mustRun(t, "", "gpg", append(gpg, "--quick-generate-key", "kleidi deploy test <"+email+">", "future-default", "default", "never")...)
+	pub = filepath.Join(keys, "public.asc")
+	priv = filepath.Join(keys, "private.asc")
+	for path, args := range map[string][]string{pub: {"--armor", "--export", email}, priv: {"--armor", "--export-secret-keys", email}} {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		out, err := exec.CommandContext(ctx, "gpg", append(gpg, args...)...).Output()
+		cancel()
+		if err != nil || len(out) == 0 {
+			t.Fatalf("gpg %v: %v", args, err)
+		}
+		if err := os.WriteFile(path, out, 0o400); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range []string{pub, priv, pass} {
+		n.chown(t, f)
+	}
+	return pub, priv, pass
+}
+
+// startSwtpm starts a swtpm process on two free loopback ports and returns its TPM command address.
+func startSwtpm(t *testing.T, dir string) string {
+	t.Helper()
+	if _, err := exec.LookPath("swtpm"); err != nil {
+		t.Fatal("swtpm not found on PATH: install swtpm and swtpm-tools (apt-get install swtpm swtpm-tools)")
+	}
+	state := filepath.Join(dir, "tpmstate")
+	if err := os.Mkdir(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var port int
+	for range 50 {
+		port = freePort(t)
+		if l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port+1)); err == nil {
+			l.Close()
+			break
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, "swtpm", "socket", "--tpm2",
+		"--tpmstate", "dir="+state,
+		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port),
+		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port+1),
+		"--flags", "not-need-init,startup-clear")
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		cmd.Wait()
+	})
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return addr
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("swtpm not listening on %s within 15 s: %v\n%s", addr, err, logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
