@@ -57,7 +57,7 @@ func newPlugin(t *testing.T, ps *procs, dir, provider string, providerFlags []st
 		requireTool(t, "setpriv", "util-linux")
 		p.uid = pluginUID
 	}
-	for _, d := range []string{p.stateDir, p.sockDir} {
+	for _, d := range []string{p.dir, p.stateDir, p.sockDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			t.Fatal(err)
 		}

@@ -466,7 +466,8 @@ func (p *plugin) keyringPath(t testing.TB) string {
 	}
 	var found []string
 	for _, ent := range entries {
-		if strings.Contains(strings.ToLower(ent.Name()), "keyring") && ent.Type().IsRegular() {
+		n := strings.ToLower(ent.Name())
+		if strings.Contains(n, "keyring") && !strings.HasSuffix(n, ".lock") && ent.Type().IsRegular() {
 			found = append(found, filepath.Join(p.stateDir, ent.Name()))
 		}
 	}
