@@ -137,6 +137,7 @@ func runCommand(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs.StringVar(&c.MetricsURL, "metrics-url", "", "a Prometheus endpoint of the plugin to read counters from before and after the run")
 	match := fs.String("metrics-match", "kleidi_", "comma-separated metric name prefixes to report from --metrics-url")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
+	jsonOut := fs.String("json-out", "", "also write the report as JSON to this `file`")
 	progress := fs.Bool("progress", false, "print a progress line each second even when stderr is not a terminal")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -152,20 +153,35 @@ func runCommand(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return err
 	}
-	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
-			return err
-		}
-	} else {
-		writeReport(stdout, rep)
+	if err := output(stdout, *asJSON, *jsonOut, rep, func() { writeReport(stdout, rep) }); err != nil {
+		return err
 	}
 	for _, r := range rep.Results {
 		if r.Errors > 0 {
 			return errCallsFailed
 		}
 	}
+	return nil
+}
+
+// output prints v as JSON to stdout (asJSON) or as text (text), and writes it as JSON to the file jsonOut
+// if that is set.
+func output(stdout io.Writer, asJSON bool, jsonOut string, v any, text func()) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	if jsonOut != "" {
+		if err := os.WriteFile(jsonOut, b, 0o644); err != nil {
+			return err
+		}
+	}
+	if asJSON {
+		_, err = stdout.Write(b)
+		return err
+	}
+	text()
 	return nil
 }
 
@@ -201,6 +217,7 @@ func compareCommand(ctx context.Context, args []string, stdout, stderr io.Writer
 	concurrency := fs.String("concurrency", "1,16,64", "comma-separated concurrencies")
 	fs.IntVar(&cfg.Repeat, "repeat", 3, "runs per endpoint and cell; the figures are their medians")
 	asJSON := fs.Bool("json", false, "print the comparison, with every run's report, as JSON")
+	jsonOut := fs.String("json-out", "", "also write the comparison as JSON to this `file`")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -226,14 +243,8 @@ func compareCommand(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
-	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(c); err != nil {
-			return err
-		}
-	} else {
-		writeComparison(stdout, c)
+	if err := output(stdout, *asJSON, *jsonOut, c, func() { writeComparison(stdout, c) }); err != nil {
+		return err
 	}
 	for _, cell := range c.Cells {
 		for _, e := range cell.Endpoints {
