@@ -172,6 +172,11 @@ func TestRoundTrip(t *testing.T) {
 	if !bytes.Equal(dec.Plaintext, seed) {
 		t.Errorf("Decrypt(Encrypt(seed)) differs from seed")
 	}
+	// Refused requests get InvalidArgument, and the call after them works.
+	_, err = ts.client.Encrypt(ctx, &kmsapi.EncryptRequest{})
+	wantCode(t, "Encrypt(empty plaintext)", err, codes.InvalidArgument)
+	_, err = ts.client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext})
+	wantCode(t, "Decrypt(no key_id)", err, codes.InvalidArgument)
 	// Without annotations the keyring has the key.
 	if _, err := ts.client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext, KeyId: enc.KeyId}); err != nil {
 		t.Errorf("Decrypt() without annotations err = %v, want nil", err)

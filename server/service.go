@@ -57,7 +57,13 @@ func handler[Req any, PReq interface {
 			return nil, err
 		}
 		req := PReq(new(Req))
-		call := func(ctx context.Context, req any) (any, error) { return method(srv.(*Server), ctx, req.(PReq)) }
+		call := func(ctx context.Context, req any) (any, error) {
+			resp, err := method(srv.(*Server), ctx, req.(PReq))
+			if err != nil {
+				return nil, err // not a typed nil in an interface
+			}
+			return resp, nil
+		}
 		if err := proto.Unmarshal(raw, req); err != nil {
 			proto.Reset(req)
 			call = func(context.Context, any) (any, error) {
@@ -182,15 +188,15 @@ func callAttrs(ctx context.Context, req, resp any) []any {
 	var uid, keyID string
 	switch r := req.(type) {
 	case *kmsapi.EncryptRequest:
-		uid = r.Uid
+		uid = r.GetUid()
 	case *kmsapi.DecryptRequest:
-		uid, keyID = r.Uid, r.KeyId
+		uid, keyID = r.GetUid(), r.GetKeyId()
 	}
 	switch r := resp.(type) {
 	case *kmsapi.EncryptResponse:
-		keyID = r.KeyId
+		keyID = r.GetKeyId()
 	case *kmsapi.StatusResponse:
-		keyID = r.KeyId
+		keyID = r.GetKeyId()
 	}
 	if uid != "" {
 		attrs = append(attrs, "request_uid", truncate(uid))

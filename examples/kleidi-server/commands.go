@@ -162,7 +162,7 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		target = "unix-abstract:" + abstract
 	}
 	bo := backoff.DefaultConfig
-	bo.MaxDelay = 500 * time.Millisecond
+	bo.BaseDelay, bo.MaxDelay = 50*time.Millisecond, 500*time.Millisecond
 	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: time.Second}))
 	if err != nil {
