@@ -22,6 +22,7 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/gpg"
 )
 
 // binary is kleidi-server, built once by TestMain into a directory every user may read.
@@ -427,4 +428,44 @@ func TestFirstCommand(t *testing.T) {
 			t.Errorf("%s: mode %v owner %d, want %v owner %d", path, fi.Mode().Perm(), fi.Sys().(*syscall.Stat_t).Uid, mode, uid)
 		}
 	}
+}
+
+// TestProviders serves with an OpenPGP key given by flags and the environment, with an audit log, and with
+// the in-process TPM simulator.
+func TestProviders(t *testing.T) {
+	t.Run("gpg", func(t *testing.T) {
+		s := newSandbox(t)
+		keys, err := gpg.GenerateDevelopmentKey(filepath.Join(s.dir, "keys"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		public := filepath.Join(s.dir, "keys", gpg.DevelopmentPublicKeyFile)
+		s.env = append(s.env, "KLEIDI_GPG_PRIVATE_KEY="+keys.PrivateKeyFile)
+		code, out, errOut := s.run(t, append([]string{"init", "--gpg-public-key", public}, s.flags()[:2]...)...)
+		if code != 0 || strings.Contains(errOut, "INSECURE") {
+			t.Fatalf("init with gpg keys = %d, %q, %q; want 0 and no development key warning", code, out, errOut)
+		}
+		audit := filepath.Join(s.dir, "audit.json")
+		s.serve(t, s.command(false, append([]string{"serve", "--audit-log", audit}, s.flags()...)...))
+		code, out, errOut = s.run(t, "status", "--listen", "unix://"+s.socket(), "--wait", "30s")
+		if code != 0 || !strings.HasPrefix(field(out, "key_id"), "kleidi-gpg-") {
+			t.Fatalf("status = %d, %q, %q; want 0 and a gpg key_id", code, out, errOut)
+		}
+		if code, out, errOut := s.run(t, append([]string{"rotate"}, s.flags()[:2]...)...); code != 0 {
+			t.Fatalf("rotate with gpg keys from the environment = %d, %q, %q; want 0", code, out, errOut)
+		}
+		b, err := os.ReadFile(audit)
+		if err != nil || !strings.Contains(string(b), `"method":"/v2.KeyManagementService/Status"`) ||
+			!strings.Contains(string(b), fmt.Sprintf(`"uid":%d`, os.Getuid())) {
+			t.Errorf("audit log = %q, %v; want a Status record with the caller's uid", b, err)
+		}
+	})
+	t.Run("tpm simulator", func(t *testing.T) {
+		s := newSandbox(t)
+		s.serve(t, s.command(false, append([]string{"serve", "--provider", "tpm", "--tpm", "simulator", "--tpm-pcrs", "7"}, s.flags()...)...))
+		code, out, errOut := s.run(t, "status", "--listen", "unix://"+s.socket(), "--wait", "30s")
+		if code != 0 || !strings.HasPrefix(field(out, "key_id"), "kleidi-tpm-") {
+			t.Fatalf("status = %d, %q, %q; want 0 and a tpm key_id", code, out, errOut)
+		}
+	})
 }
