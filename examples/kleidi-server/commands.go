@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -183,6 +184,12 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		s, _ := status.FromError(err)
 		if s.Code() == codes.Unavailable || (s.Code() == codes.DeadlineExceeded && *wait > 0) {
+			// The dial error says why (no such socket, permission denied) more plainly than gRPC.
+			c, err := net.DialTimeout("unix", path, time.Second)
+			if err != nil {
+				return fmt.Errorf("no plugin answers on %s: %v", *listen, errors.Unwrap(err))
+			}
+			c.Close()
 			return fmt.Errorf("no plugin answers on %s", *listen)
 		}
 		return fmt.Errorf("status call on %s: %s: %s", *listen, s.Code(), s.Message())
