@@ -89,13 +89,18 @@ func (s *Server) reload(ctx context.Context) {
 	before := s.env.KeyID()
 	ctx, cancel := context.WithTimeout(ctx, max(s.cfg.ReloadInterval, s.cfg.CallTimeout))
 	defer cancel()
-	if err := s.env.Reload(ctx); err != nil {
+	err := s.env.Reload(ctx)
+	after := s.env.KeyID()
+	if s.cfg.OnReload != nil && ctx.Err() == nil {
+		s.cfg.OnReload(err, after != before)
+	}
+	if err != nil {
 		if ctx.Err() == nil {
 			s.log.Error("keyring reload failed; still serving the keys loaded before", "key_id", before, "error", err)
 		}
 		return
 	}
-	if after := s.env.KeyID(); after != before {
+	if after != before {
 		s.log.Info("active key changed", "key_id", after, "previous_key_id", before)
 		s.probe(ctx)
 	}

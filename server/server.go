@@ -57,6 +57,9 @@ type Config struct {
 	// Interceptors run around every call, after the server's own (panic recovery, caller check, deadline):
 	// the place for metrics. [CallerFromContext] gives the caller of a call.
 	Interceptors []grpc.UnaryServerInterceptor
+	// OnReload, if not nil, is called after each background keyring reload with its error and whether the
+	// active key changed: the place for a reload metric.
+	OnReload func(err error, keyChanged bool)
 }
 
 // Server is a KMS v2 plugin serving one [kleidi.Envelope]. Create it with [New].

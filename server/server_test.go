@@ -322,7 +322,16 @@ func TestMalformedWire(t *testing.T) {
 func TestRotationPickedUp(t *testing.T) {
 	dir := shortDir(t)
 	ring := kleidi.NewFileKeyring(filepath.Join(dir, "keyring.json"))
-	ts := start(t, nil, ring, server.Config{ReloadInterval: 50 * time.Millisecond})
+	changed := make(chan struct{}, 1)
+	onReload := func(err error, keyChanged bool) {
+		if err == nil && keyChanged {
+			select {
+			case changed <- struct{}{}:
+			default:
+			}
+		}
+	}
+	ts := start(t, nil, ring, server.Config{ReloadInterval: 50 * time.Millisecond, OnReload: onReload})
 	ctx := callCtx(t)
 	before, err := ts.client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: []byte("before")})
 	if err != nil {
@@ -338,6 +347,11 @@ func TestRotationPickedUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	pollStatus(t, ts.client, func(st *kmsapi.StatusResponse) bool { return st.KeyId == newID })
+	select {
+	case <-changed:
+	case <-time.After(10 * time.Second):
+		t.Errorf("OnReload was not called with keyChanged after a rotation")
+	}
 	after, err := ts.client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: []byte("after")})
 	if err != nil || after.KeyId != newID {
 		t.Errorf("Encrypt() after rotation key_id = %q, %v; want %s, nil", after.GetKeyId(), err, newID)
