@@ -580,11 +580,9 @@ func (n *node) command(ctx context.Context, args ...string) *exec.Cmd {
 	return cmd
 }
 
-// serve starts kleidi-server serve with the flags the manifests use and waits until it is ready.
-func (n *node) serve(t *testing.T, providerFlags ...string) {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	args := append([]string{"serve",
+// serveFlags are the flags of `kleidi-server serve` the manifests pass, for this node.
+func (n *node) serveFlags() []string {
+	return []string{
 		"--listen=unix://" + n.sock,
 		"--socket-mode=0600",
 		"--state-dir=" + n.stateDir,
@@ -592,8 +590,17 @@ func (n *node) serve(t *testing.T, providerFlags ...string) {
 		"--log-format=json",
 		"--log-level=info",
 		"--audit-log=-",
-	}, providerFlags...)
-	cmd := n.command(ctx, args...)
+	}
+}
+
+// serve starts kleidi-server serve with env and args (after "serve"), waits until it is ready, checks its
+// endpoints and socket, rotates its key as docs/install.md says (rotate with env and rotateArgs; none when
+// rotateArgs is nil), and stops it.
+func (n *node) serve(t *testing.T, env, args, rotateArgs []string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := n.command(ctx, append([]string{"serve"}, args...)...)
+	cmd.Env = append(cmd.Env, env...)
 	var logs bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
@@ -667,7 +674,34 @@ func (n *node) serve(t *testing.T, providerFlags ...string) {
 	if err != nil {
 		t.Fatalf("kleidi-server status: %v\n%s", err, out)
 	}
-	t.Logf("status: %s", strings.TrimSpace(string(out)))
+	before := keyID(string(out))
+	t.Logf("status: %s", strings.Join(strings.Fields(string(out)), " "))
+
+	// Rotation: a new KEK in the keyring, which the running server reports within 10 s.
+	rcmd := n.command(sctx, append([]string{"rotate"}, rotateArgs...)...)
+	rcmd.Env = append(rcmd.Env, env...)
+	if rotateArgs == nil {
+		rcmd = nil // see tpm-swtpm
+	}
+	if rcmd != nil {
+		if out, err := rcmd.CombinedOutput(); err != nil {
+			t.Fatalf("kleidi-server rotate: %v\n%s", err, out)
+		}
+	}
+	for deadline := time.Now().Add(20 * time.Second); rcmd != nil; {
+		out, err := n.command(sctx, "status", "--listen=unix://"+n.sock).CombinedOutput()
+		if err != nil {
+			t.Fatalf("kleidi-server status after rotate: %v\n%s", err, out)
+		}
+		if after := keyID(string(out)); after != before && after != "" {
+			t.Logf("rotated: key_id %s -> %s", before, after)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("key_id still %s 20 s after rotate", before)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 
 	// SIGTERM: a clean exit that removes the socket.
 	if err := stop(); err != nil {
@@ -712,13 +746,30 @@ func TestStaticBinary(t *testing.T) {
 	t.Run("gpg", func(t *testing.T) {
 		n := newNode(t, bin)
 		pub, priv, pass := gpgKey(t, n)
-		n.serve(t, "--provider=gpg", "--gpg-public-key="+pub, "--gpg-private-key="+priv, "--gpg-passphrase-file="+pass)
+		provider := []string{"--provider=gpg", "--gpg-public-key=" + pub, "--gpg-private-key=" + priv, "--gpg-passphrase-file=" + pass}
+		n.serve(t, nil, append(n.serveFlags(), provider...), append([]string{"--state-dir=" + n.stateDir}, provider...))
 	})
 
 	t.Run("tpm-swtpm", func(t *testing.T) {
 		n := newNode(t, bin)
 		addr := startSwtpm(t, n.dir)
-		n.serve(t, "--provider=tpm", "--tpm=tcp://"+addr)
+		// swtpm serves one TCP client at a time and the running plugin is that client, so a second process
+		// (rotate) cannot reach this TPM while it runs; /dev/tpmrm0 has no such limit. No rotation here.
+		n.serve(t, nil, append(n.serveFlags(), "--provider=tpm", "--tpm=tcp://"+addr), nil)
+	})
+
+	// The systemd unit's way: no flags, everything from deploy/systemd/kleidi.env (its paths moved to this
+	// node, its TPM to a swtpm), and rotate run with the same environment.
+	t.Run("tpm-swtpm-systemd-env", func(t *testing.T) {
+		n := newNode(t, bin)
+		addr := startSwtpm(t, n.dir)
+		env := systemdEnv(t, map[string]string{
+			"KLEIDI_LISTEN":    "unix://" + n.sock,
+			"KLEIDI_STATE_DIR": n.stateDir,
+			"KLEIDI_HTTP_ADDR": n.httpAddr,
+			"KLEIDI_TPM":       "tcp://" + addr,
+		})
+		n.serve(t, env, []string{}, nil)
 	})
 
 	t.Run("tpm-simulator-absent", func(t *testing.T) {
@@ -738,6 +789,45 @@ func TestStaticBinary(t *testing.T) {
 		}
 		t.Logf("serve --tpm simulator: %v: %s", err, lastLine(string(out)))
 	})
+}
+
+func keyID(status string) string {
+	if m := regexp.MustCompile(`key_id:\s*(\S+)`).FindStringSubmatch(status); m != nil {
+		return m[1]
+	}
+	return ""
+}
+
+// systemdEnv reads the active KEY=VALUE lines of deploy/systemd/kleidi.env, replacing the values of the keys in
+// override (each of which must be there), as systemd's EnvironmentFile= does.
+func systemdEnv(t *testing.T, override map[string]string) []string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(deployDir, "systemd", "kleidi.env"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var env []string
+	seen := map[string]bool{}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			t.Fatalf("kleidi.env: not KEY=VALUE: %q", line)
+		}
+		if o, ok := override[k]; ok {
+			v, seen[k] = o, true
+		}
+		env = append(env, k+"="+v)
+	}
+	for k := range override {
+		if !seen[k] {
+			t.Fatalf("kleidi.env does not set %s", k)
+		}
+	}
+	return env
 }
 
 var flagRe = regexp.MustCompile(`(?m)^\s+-(?:-)?([a-z][a-z0-9-]*)`)
@@ -784,7 +874,7 @@ func checkFlags(t *testing.T, bin string) {
 }
 
 // gpgKey makes an OpenPGP key pair with GnuPG and returns the armored public and private key files and the
-// passphrase file, readable by the plugin's uid only, as the chart's Secret volume or /etc/kleidi/gpg gives them.
+// passphrase file.
 func gpgKey(t *testing.T, n *node) (pub, priv, pass string) {
 	t.Helper()
 	if _, err := exec.LookPath("gpg"); err != nil {
@@ -820,8 +910,16 @@ func gpgKey(t *testing.T, n *node) (pub, priv, pass string) {
 			t.Fatal(err)
 		}
 	}
+	// As the chart's Secret volume gives them: root's files, readable by the plugin's group (fsGroup) only.
 	for _, f := range []string{pub, priv, pass} {
-		n.chown(t, f)
+		if err := os.Chmod(f, 0o440); err != nil {
+			t.Fatal(err)
+		}
+		if n.asPlugin {
+			if err := os.Chown(f, 0, pluginID); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	return pub, priv, pass
 }
