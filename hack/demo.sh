@@ -69,10 +69,9 @@ etcd_url="http://127.0.0.1:$etcd_port"
 api="https://127.0.0.1:$api_port"
 token="demo-$(openssl rand -hex 16)"
 
-step "starting kleidi-server (gpg provider, development key in $work/state)"
+step "starting kleidi-server (gpg provider; its first start creates a development key and a keyring in $work/state)"
 ks=("$work/kleidi-server")
 ks_flags=(--state-dir "$work/state" --provider gpg)
-"${ks[@]}" init "${ks_flags[@]}" >"$work/kleidi-init.log" 2>&1 || true
 "${ks[@]}" serve --listen "unix://$sock" --http-addr "127.0.0.1:$http_port" --audit-log "$work/audit.log" \
 	"${ks_flags[@]}" >"$work/kleidi-server.log" 2>&1 &
 pids+=($!)
@@ -141,8 +140,8 @@ step "what the API returns for the same Secret:"
 echo "    password = $from_api"
 [[ "$from_api" == "$value" ]] || die "the API returned $from_api, want $value"
 
-step "kleidi's audit log of the calls the apiserver made:"
-tail -n 5 "$work/audit.log" | sed 's/^/    /'
+step "kleidi's audit log of the calls the apiserver made (method, gRPC code, caller uid):"
+sed -E 's/.*"method":"([^"]*)","code":"([^"]*)".*"caller":\{"uid":([0-9]+).*/    \1 \2 uid=\3/' "$work/audit.log" | tail -n 5
 
 if [[ "${KLEIDI_DEMO_WAIT:-}" == 1 ]]; then
 	step "control plane running; try: kubectl --server $api --token $token --insecure-skip-tls-verify get secrets"
