@@ -16,20 +16,26 @@
 // so nothing it sealed survives the provider; a process runs one at a time (a second open fails). A binary built
 // with CGO_ENABLED=0 reports that it has no simulator.
 //
-// A provider keeps one connection and serialises its commands; the context is checked before each command. When
-// the connection fails (swtpm restarted, a device gone), calls return errors wrapping [kleidi.ErrUnavailable] and
-// the next call reconnects: [Provider.Health] turns nil again once the TPM is back, without a restart.
+// On a device or the in-process simulator, a provider keeps one connection. On a socket (tcp:// and unix://) it
+// connects for each operation (Wrap, Unwrap, Health, the checks of [New]) and disconnects after it: swtpm and the
+// TCG reference simulator serve one client at a time, so several processes (kleidi-server serve and
+// kleidi-server rotate, say) can share one swtpm, each waiting for the other's operation to end. Those emulators
+// have no resource manager, so before it disconnects the provider flushes every transient object and session the
+// operation loaded, a storage root key created for it included; Health sends one cheap command (TPM2_ReadClock).
+// Either way a provider serialises its own commands, and the context is checked before each command. When the
+// connection fails (swtpm restarted, a device gone), calls return errors wrapping [kleidi.ErrUnavailable] and the
+// next call reconnects: [Provider.Health] turns nil again once the TPM is back, without a restart.
 //
 // # Sealing
 //
 // The storage root key (SRK) is the TCG ECC P-256 SRK template under the owner hierarchy: taken from the reserved
-// persistent handle 0x81000001 when the key there has that template, else created at start (a primary key is
-// derived from the owner seed, so it is the same key every time). The owner hierarchy must have an empty auth value,
-// as the TCG provisioning guidance recommends. Wrap creates a sealed data object under the SRK; its wrapped form
-// (the public and private areas, the PCR selection and the SRK's name) is what the keyring stores: it is useless
-// to any other TPM. Unwrap loads and unseals it, then flushes it; no transient object or session outlives a call.
-// Keys travel to and from the TPM encrypted by a session salted with the SRK, so a probe on the TPM's bus does
-// not see them.
+// persistent handle 0x81000001 when the key there has that template, else created at start, or for each operation
+// on a socket (a primary key is derived from the owner seed, so it is the same key every time). The owner hierarchy
+// must have an empty auth value, as the TCG provisioning guidance recommends. Wrap creates a sealed data object
+// under the SRK; its wrapped form (the public and private areas, the PCR selection and the SRK's name) is what the
+// keyring stores: it is useless to any other TPM. Unwrap loads and unseals it, then flushes it; no transient object
+// or session outlives a call. Keys travel to and from the TPM encrypted by a session salted with the SRK, so a
+// probe on the TPM's bus does not see them.
 //
 // # PCR binding and auth value
 //

@@ -13,11 +13,21 @@ import (
 	"github.com/kleidi-kms/kleidi"
 )
 
-// withTPM runs f on the provider's connection under its lock.
+// withTPM runs f on the provider's connection under its lock; for a provider that connects per operation, on a
+// fresh connection of its own.
 func withTPM(t testing.TB, p *Provider, f func(t transport.TPM)) {
 	t.Helper()
 	p.sem <- struct{}{}
 	defer func() { <-p.sem }()
+	if p.perOp {
+		tp, err := p.open()
+		if err != nil {
+			t.Fatalf("connecting to the TPM: %v", err)
+		}
+		defer tp.Close()
+		f(tp)
+		return
+	}
 	if p.tpm == nil {
 		t.Fatalf("provider has no TPM connection")
 	}

@@ -174,7 +174,7 @@ func newSimProviderShared(t *testing.T, p *Provider, cfg Config) *Provider {
 	t.Helper()
 	var tp transport.TPM
 	withTPM(t, p, func(c transport.TPM) { tp = c })
-	q, err := newProvider(context.Background(), cfg, func() (transport.TPMCloser, error) { return nopCloser{tp}, nil })
+	q, err := newProvider(context.Background(), cfg, func() (transport.TPMCloser, error) { return nopCloser{tp}, nil }, false)
 	if err != nil {
 		t.Fatalf("newProvider(ctx, %+v) err = %v, want nil", cfg, err)
 	}
@@ -324,5 +324,5 @@ func TestParsePCRs(t *testing.T) {
 }
 
 func BenchmarkSimulator(b *testing.B) {
-	benchmarkProvider(b, openSimulator)
+	benchmarkProvider(b, openSimulator, false)
 }

@@ -10,9 +10,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/kleiditest"
 )
@@ -149,11 +153,19 @@ func TestConformanceSwtpmUnixSocket(t *testing.T) {
 	})
 }
 
-// TestSwtpmNeedsStartup: a TPM that was never started up gets TPM2_Startup from the provider.
+// TestSwtpmNeedsStartup: a TPM that was never started up gets TPM2_Startup from the provider, from Health too.
 func TestSwtpmNeedsStartup(t *testing.T) {
 	s := startSwtpm(t, false, "not-need-init")
 	p := newSwtpmProvider(t, s, Config{})
-	wrapUnwrap(t, p)
+	_, blob := wrapUnwrap(t, p)
+	s.kill()
+	s.start()
+	if err := p.Health(context.Background()); err != nil {
+		t.Fatalf("p.Health(ctx) on a restarted swtpm that needs TPM2_Startup = %v, want nil", err)
+	}
+	if _, err := p.Unwrap(context.Background(), blob); err != nil {
+		t.Fatalf("p.Unwrap(ctx, blob) after the restart err = %v, want nil", err)
+	}
 }
 
 // TestSwtpmRestart kills swtpm under a running provider and starts it again on the same state: the provider reports
@@ -199,4 +211,153 @@ func TestSwtpmRestart(t *testing.T) {
 		wrapUnwrap(t, p)
 	}
 	assertNoHandles(t, p)
+}
+
+// swtpmHandles returns the transient objects and loaded sessions in s, read on a connection of its own: it also
+// proves that no provider holds the TPM, which serves one client at a time.
+func swtpmHandles(t *testing.T, s *swtpm) (objects, sessions []tpm2.TPMHandle) {
+	t.Helper()
+	open, _, err := newOpener(s.path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp, err := open()
+	if err != nil {
+		t.Fatalf("connecting to swtpm: %v", err)
+	}
+	defer tp.Close()
+	return countHandles(t, tp)
+}
+
+// TestSwtpmSharedByProviders: swtpm serves one client at a time, yet two providers on it (a running server and
+// kleidi-server rotate, say) both work, alternately and concurrently; a key wrapped by one unwraps with the other;
+// and nothing they loaded stays in the TPM.
+func TestSwtpmSharedByProviders(t *testing.T) {
+	for _, unix := range []bool{false, true} {
+		name := "tcp"
+		if unix {
+			name = "unix"
+		}
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			s := startSwtpm(t, unix, swtpmFlags)
+			cfg := Config{PCRs: []int{7}, AuthFile: writeAuthFile(t, "pw")}
+			a := newSwtpmProvider(t, s, cfg)
+			b := newSwtpmProvider(t, s, cfg)
+			pairs := [][2]*Provider{{a, b}, {b, a}}
+
+			// wrapCross wraps a key with one provider and unwraps it with both.
+			wrapCross := func(by, other *Provider) error {
+				key := randomKey(t)
+				wrapped, err := by.Wrap(ctx, key)
+				if err != nil {
+					return fmt.Errorf("Wrap(ctx, key) err = %w, want nil", err)
+				}
+				for _, q := range []*Provider{other, by} {
+					got, err := q.Unwrap(ctx, wrapped)
+					if err != nil || !bytes.Equal(got, key) {
+						return fmt.Errorf("Unwrap(ctx, wrapped) err = %w, want nil and the key", err)
+					}
+				}
+				if err := by.Health(ctx); err != nil {
+					return fmt.Errorf("Health(ctx) = %w, want nil", err)
+				}
+				return nil
+			}
+
+			for round := range 3 {
+				for _, pair := range pairs {
+					if err := wrapCross(pair[0], pair[1]); err != nil {
+						t.Fatalf("alternately, round %d: %v", round, err)
+					}
+				}
+			}
+			if objects, sessions := swtpmHandles(t, s); len(objects) != 0 || len(sessions) != 0 {
+				t.Fatalf("after alternate use: transient handles = %#x, sessions = %#x; want none", objects, sessions)
+			}
+
+			var wg sync.WaitGroup
+			errs := make(chan error, 16)
+			for range 3 {
+				for _, pair := range pairs {
+					wg.Go(func() {
+						for range 5 {
+							if err := wrapCross(pair[0], pair[1]); err != nil {
+								errs <- err
+								return
+							}
+						}
+					})
+				}
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Errorf("concurrently: %v", err)
+			}
+			if objects, sessions := swtpmHandles(t, s); len(objects) != 0 || len(sessions) != 0 {
+				t.Errorf("after concurrent use: transient handles = %#x, sessions = %#x; want none", objects, sessions)
+			}
+		})
+	}
+}
+
+// TestSwtpmPersistentSRK: with the SRK provisioned at the TCG persistent handle, a provider that connects per
+// operation uses it, leaves nothing loaded, and unwraps keys sealed under the transient SRK before.
+func TestSwtpmPersistentSRK(t *testing.T) {
+	ctx := context.Background()
+	s := startSwtpm(t, false, swtpmFlags)
+	p := newSwtpmProvider(t, s, Config{})
+	key, blob := wrapUnwrap(t, p)
+	withTPM(t, p, func(tp transport.TPM) {
+		cp, err := tpm2.CreatePrimary{
+			PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+			InPublic:      tpm2.New2B(tpm2.ECCSRKTemplate),
+		}.Execute(tp)
+		if err != nil {
+			t.Fatalf("CreatePrimary err = %v, want nil", err)
+		}
+		defer tpm2.FlushContext{FlushHandle: cp.ObjectHandle}.Execute(tp) //nolint:errcheck // checked by swtpmHandles
+		_, err = tpm2.EvictControl{
+			Auth:             tpm2.TPMRHOwner,
+			ObjectHandle:     &tpm2.NamedHandle{Handle: cp.ObjectHandle, Name: cp.Name},
+			PersistentHandle: srkHandle,
+		}.Execute(tp)
+		if err != nil {
+			t.Fatalf("EvictControl err = %v, want nil", err)
+		}
+	})
+	q := newSwtpmProvider(t, s, Config{})
+	if got, err := q.Unwrap(ctx, blob); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("q.Unwrap(ctx, blob sealed under the transient SRK) err = %v, want nil and the key", err)
+	}
+	wrapUnwrap(t, q)
+	if objects, sessions := swtpmHandles(t, s); len(objects) != 0 || len(sessions) != 0 {
+		t.Errorf("transient handles = %#x, sessions = %#x; want none", objects, sessions)
+	}
+	// The provider took the persistent SRK: an operation sends no CreatePrimary.
+	var n atomic.Int64
+	open, _, err := newOpener(s.path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := newProvider(ctx, Config{}, func() (transport.TPMCloser, error) {
+		tp, err := open()
+		if err != nil {
+			return nil, err
+		}
+		return &countingTPM{TPMCloser: tp, n: &n}, nil
+	}, true)
+	if err != nil {
+		t.Fatalf("newProvider(ctx, counting swtpm) err = %v, want nil", err)
+	}
+	defer r.Close()
+	n.Store(0)
+	if got, err := r.Unwrap(ctx, blob); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("r.Unwrap(ctx, blob) err = %v, want nil and the key", err)
+	}
+	// ReadPublic, Load, StartAuthSession, PolicyAuthValue, Unseal, FlushContext of the sealed object.
+	if got := n.Load(); got != 6 {
+		t.Errorf("Unwrap with a persistent SRK sent %d TPM commands, want 6", got)
+	}
 }

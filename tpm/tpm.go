@@ -58,13 +58,16 @@ type Config struct {
 // Provider is a [kleidi.Provider] whose root of trust is a TPM 2.0. It seals each key as a TPM object under the
 // storage root key (SRK), so only the same TPM, with the same owner seed, can unseal it.
 //
-// A Provider holds one connection to the TPM and serialises commands on it. When the connection fails (a TPM
-// emulator restarted, a device that went away), calls return errors wrapping [kleidi.ErrUnavailable] and the next
-// call reconnects.
+// On a device or the in-process simulator, a Provider holds one connection to the TPM and serialises commands on
+// it. On a socket (swtpm, the TCG reference simulator), which serves one client at a time, it connects for each
+// operation and flushes what it loaded before it disconnects, so other processes can use the TPM in between. When
+// the connection fails (a TPM emulator restarted, a device that went away), calls return errors wrapping
+// [kleidi.ErrUnavailable] and the next call reconnects.
 type Provider struct {
-	open opener
-	pcrs uint32
-	auth []byte // nil: no auth value
+	open  opener
+	perOp bool // connect for each operation rather than once
+	pcrs  uint32
+	auth  []byte // nil: no auth value
 
 	sem    chan struct{} // held while using the fields below
 	closed bool
@@ -89,15 +92,16 @@ func New(ctx context.Context, cfg Config) (*Provider, error) {
 	if path == "" {
 		path = DefaultPath
 	}
-	open, err := newOpener(path)
+	open, perOp, err := newOpener(path)
 	if err != nil {
 		return nil, err
 	}
-	return newProvider(ctx, cfg, open)
+	return newProvider(ctx, cfg, open, perOp)
 }
 
-func newProvider(ctx context.Context, cfg Config, open opener) (*Provider, error) {
-	p := &Provider{open: open, sem: make(chan struct{}, 1)}
+// newProvider returns a provider on the TPM that open reaches. With perOp it connects for each operation.
+func newProvider(ctx context.Context, cfg Config, open opener, perOp bool) (*Provider, error) {
+	p := &Provider{open: open, perOp: perOp, sem: make(chan struct{}, 1)}
 	for _, i := range cfg.PCRs {
 		if i < 0 || i >= numPCRs {
 			return nil, fmt.Errorf("tpm: PCR %d out of range 0 to %d", i, numPCRs-1)
@@ -111,7 +115,7 @@ func newProvider(ctx context.Context, cfg Config, open opener) (*Provider, error
 		}
 		p.auth = auth
 	}
-	if err := p.Health(ctx); err != nil {
+	if err := p.checkSRK(ctx, "new"); err != nil {
 		p.Close()
 		return nil, err
 	}
@@ -169,7 +173,7 @@ func (p *Provider) Wrap(ctx context.Context, key []byte) ([]byte, error) {
 		return nil, fmt.Errorf("tpm: wrap: %w: key of %d bytes, the TPM seals at most %d", kleidi.ErrTooLarge, len(key), MaxKeySize)
 	}
 	var out []byte
-	err := p.do(ctx, "wrap", func(t transport.TPM, srk *storageKey) error {
+	err := p.do(ctx, "wrap", true, func(t transport.TPM, srk *storageKey) error {
 		policy, err := p.policyDigest(t)
 		if err != nil {
 			return err
@@ -298,7 +302,7 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 		return nil, fmt.Errorf("tpm: unwrap: %w: %w", kleidi.ErrUnwrap, err)
 	}
 	var key []byte
-	err = p.do(ctx, "unwrap", func(t transport.TPM, srk *storageKey) error {
+	err = p.do(ctx, "unwrap", true, func(t transport.TPM, srk *storageKey) error {
 		if b.auth && p.auth == nil {
 			return fmt.Errorf("%w: the key was sealed with an auth value and none is configured", kleidi.ErrUnwrap)
 		}
@@ -356,10 +360,19 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 	return key, nil
 }
 
-// Health implements [kleidi.Provider]: it connects (or reconnects) to the TPM, sets up the storage root key if
-// needed and reads its public area, a cheap command.
+// Health implements [kleidi.Provider]. On a device or the in-process simulator it connects (or reconnects) to the
+// TPM, sets up the storage root key if needed and reads its public area, a cheap command. On a socket it connects
+// and sends one cheap command (TPM2_ReadClock), with no storage root key, then disconnects.
 func (p *Provider) Health(ctx context.Context) error {
-	return p.do(ctx, "health", func(t transport.TPM, srk *storageKey) error {
+	if p.perOp {
+		return p.do(ctx, "health", false, func(t transport.TPM, _ *storageKey) error { return p.startup(t) })
+	}
+	return p.checkSRK(ctx, "health")
+}
+
+// checkSRK connects (or reconnects) to the TPM, sets up the storage root key if needed and reads its public area.
+func (p *Provider) checkSRK(ctx context.Context, op string) error {
+	return p.do(ctx, op, true, func(t transport.TPM, srk *storageKey) error {
 		rsp, err := tpm2.ReadPublic{ObjectHandle: srk.handle}.Execute(t)
 		if err != nil {
 			return err
@@ -386,10 +399,11 @@ func (p *Provider) Close() error {
 	return p.disconnect()
 }
 
-// do runs f with the TPM connection and storage root key under the provider's lock. It checks ctx before it
-// starts, reconnects when there is no connection, and retries f once after the connection broke or the SRK
-// vanished (a TPM reset), so a TPM that came back works on the first call.
-func (p *Provider) do(ctx context.Context, op string, f func(t transport.TPM, srk *storageKey) error) error {
+// do runs f with the TPM connection and, with needSRK, the storage root key (else srk is nil) under the provider's
+// lock. It checks ctx before it starts, reconnects when there is no connection, and retries f once after the
+// connection broke or the SRK vanished (a TPM reset), so a TPM that came back works on the first call. A provider
+// that connects per operation disconnects at the end, after flushing a transient SRK.
+func (p *Provider) do(ctx context.Context, op string, needSRK bool, f func(t transport.TPM, srk *storageKey) error) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("tpm: %s: %w", op, err)
 	}
@@ -402,11 +416,14 @@ func (p *Provider) do(ctx context.Context, op string, f func(t transport.TPM, sr
 	if p.closed {
 		return fmt.Errorf("tpm: %s: %w", op, kleidi.ErrClosed)
 	}
+	if p.perOp {
+		defer p.disconnect() //nolint:errcheck // the operation's outcome is known; closing a socket cannot change it
+	}
 	for attempt := 0; ; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("tpm: %s: %w", op, err)
 		}
-		err := p.connect()
+		err := p.connect(needSRK)
 		if err == nil {
 			err = f(&ctxTPM{ctx: ctx, tpm: p.tpm}, p.srk)
 		}
@@ -491,8 +508,8 @@ func flushSession(t transport.TPM, s tpm2.Session) {
 	}
 }
 
-// connect opens the connection and sets up the storage root key when they are missing.
-func (p *Provider) connect() error {
+// connect opens the connection when it is missing and, with needSRK, sets up the storage root key if missing.
+func (p *Provider) connect(needSRK bool) error {
 	if p.tpm == nil {
 		t, err := p.open()
 		if err != nil {
@@ -500,7 +517,7 @@ func (p *Provider) connect() error {
 		}
 		p.tpm = t
 	}
-	if p.srk != nil {
+	if !needSRK || p.srk != nil {
 		return nil
 	}
 	srk, err := p.setupSRK(rawTPM{p.tpm})
@@ -526,6 +543,29 @@ func (p *Provider) setupSRK(t transport.TPM) (*storageKey, error) {
 		}
 	}
 	return k, err
+}
+
+// startup reads the TPM's clock, a cheap command. It powers on a switched-off TCG reference simulator and starts a
+// TPM that was never started, as setting up the SRK does, so a health check agrees with what Unwrap would find.
+func (p *Provider) startup(t transport.TPM) error {
+	_, err := tpm2.ReadClock{}.Execute(t)
+	if errors.Is(err, errPoweredOff) {
+		s, ok := p.tpm.(*socketTPM)
+		if !ok || !s.framed {
+			return err
+		}
+		if err := s.powerOn(); err != nil {
+			return &transportError{err}
+		}
+		_, err = tpm2.ReadClock{}.Execute(t)
+	}
+	if errors.Is(err, tpm2.TPMRCInitialize) {
+		if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(t); err != nil {
+			return fmt.Errorf("startup: %w", err)
+		}
+		return nil
+	}
+	return err
 }
 
 func (p *Provider) createSRK(t transport.TPM) (*storageKey, error) {

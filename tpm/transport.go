@@ -38,29 +38,31 @@ func (e *transportError) Unwrap() error { return e.err }
 // opener opens a connection to a TPM.
 type opener func() (transport.TPMCloser, error)
 
-// newOpener returns the opener for a Config.Path.
-func newOpener(path string) (opener, error) {
+// newOpener returns the opener for a Config.Path, and whether a provider connects for each operation: a TPM
+// emulator on a socket serves one client at a time and has no resource manager, so a provider that stayed
+// connected would lock every other process out.
+func newOpener(path string) (open opener, perOp bool, err error) {
 	switch {
 	case path == SimulatorPath:
-		return openSimulator, nil
+		return openSimulator, false, nil
 	case strings.HasPrefix(path, "tcp://"):
 		addr := strings.TrimPrefix(path, "tcp://")
 		host, port, err := net.SplitHostPort(addr)
 		if err != nil {
-			return nil, fmt.Errorf("tpm: path %q: %v", path, err)
+			return nil, false, fmt.Errorf("tpm: path %q: %v", path, err)
 		}
 		p, err := strconv.ParseUint(port, 10, 16)
 		if err != nil || p == 0 || p == 65535 {
-			return nil, fmt.Errorf("tpm: path %q: bad port (the platform port is the next one)", path)
+			return nil, false, fmt.Errorf("tpm: path %q: bad port (the platform port is the next one)", path)
 		}
 		platform := net.JoinHostPort(host, strconv.FormatUint(p+1, 10))
-		return func() (transport.TPMCloser, error) { return dialTCP(addr, platform) }, nil
+		return func() (transport.TPMCloser, error) { return dialTCP(addr, platform) }, true, nil
 	case strings.HasPrefix(path, "unix://"):
 		sock := strings.TrimPrefix(path, "unix://")
 		if sock == "" {
-			return nil, fmt.Errorf("tpm: path %q: empty socket path", path)
+			return nil, false, fmt.Errorf("tpm: path %q: empty socket path", path)
 		}
-		return func() (transport.TPMCloser, error) { return dialUnix(sock) }, nil
+		return func() (transport.TPMCloser, error) { return dialUnix(sock) }, true, nil
 	case strings.HasPrefix(path, "/"):
 		return func() (transport.TPMCloser, error) {
 			t, err := linuxtpm.Open(path)
@@ -68,9 +70,9 @@ func newOpener(path string) (opener, error) {
 				return nil, fmt.Errorf("%w (is this user in the group that owns %s, usually tss?)", err, path)
 			}
 			return t, err
-		}, nil
+		}, false, nil
 	}
-	return nil, fmt.Errorf("tpm: path %q: want a device path (/dev/tpmrm0), tcp://host:port, unix:///path or %q",
+	return nil, false, fmt.Errorf("tpm: path %q: want a device path (/dev/tpmrm0), tcp://host:port, unix:///path or %q",
 		path, SimulatorPath)
 }
 
