@@ -190,21 +190,6 @@ func freePort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// freePortPair returns P such that P and P+1 are both free on 127.0.0.1.
-func freePortPair(t testing.TB) int {
-	t.Helper()
-	for range 50 {
-		p := freePort(t)
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p+1))
-		if err == nil {
-			l.Close()
-			return p
-		}
-	}
-	t.Fatal("no two consecutive free ports on 127.0.0.1")
-	return 0
-}
-
 // eventually polls cond every interval until it returns nil or timeout passes.
 func eventually(t testing.TB, timeout, interval time.Duration, what string, cond func() error) {
 	t.Helper()
@@ -234,11 +219,3 @@ func requireTool(t testing.TB, name, pkg string) string {
 }
 
 var errNotYet = errors.New("not yet")
-
-func dialTCP(addr string) error {
-	conn, err := net.DialTimeout("tcp", addr, time.Second)
-	if err != nil {
-		return err
-	}
-	return conn.Close()
-}

@@ -119,7 +119,11 @@ func (e *env) setup(t *testing.T) {
 		pub, priv, pass := gpgKey(t, keys, uid)
 		flags = []string{"--gpg-public-key=" + pub, "--gpg-private-key=" + priv, "--gpg-passphrase-file=" + pass}
 	case "tpm":
-		e.tpm = startSwtpm(t, e.procs, filepath.Join(e.dir, "swtpm"))
+		uid := -1
+		if os.Geteuid() == 0 {
+			uid = pluginUID
+		}
+		e.tpm = startSwtpm(t, e.procs, filepath.Join(e.dir, "swtpm"), uid)
 		flags = []string{"--tpm=" + e.tpm.addr(), "--tpm-pcrs=7"}
 	}
 	e.plugin = newPlugin(t, e.procs, filepath.Join(e.dir, "kleidi"), e.provider, flags)
