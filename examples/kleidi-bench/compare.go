@@ -87,8 +87,10 @@ type EndpointCells struct {
 	ThroughputRatio float64 `json:"throughput_ratio"`
 	P99Ratio        float64 `json:"p99_ratio"`
 	// RSSMax is the largest resident set sampled during the runs, in KiB (0 without a PID).
-	RSSMax int64     `json:"rss_max_kib,omitempty"`
-	Runs   []*Report `json:"runs"`
+	RSSMax int64 `json:"rss_max_kib,omitempty"`
+	// CPUPerCall is the median over the runs of the plugin's CPU time per call, in µs (0 without a PID).
+	CPUPerCall float64   `json:"median_plugin_cpu_per_call_us,omitempty"`
+	Runs       []*Report `json:"runs"`
 }
 
 // Compare runs the comparison. The endpoints take turns within each repetition, and the one that goes first
@@ -163,18 +165,19 @@ func headline(method string) string {
 }
 
 func (e *EndpointCells) summarize(result string) {
-	var tput, p50, p99 []float64
+	var tput, p50, p99, cpu []float64
 	for _, r := range e.Runs {
 		m, _ := r.Result(result)
 		tput = append(tput, m.Throughput)
 		p50 = append(p50, m.P50)
 		p99 = append(p99, m.P99)
 		e.Errors += m.Errors
-		if r.Memory != nil {
-			e.RSSMax = max(e.RSSMax, r.Memory.Max)
+		if r.Plugin != nil {
+			e.RSSMax = max(e.RSSMax, r.Plugin.Max)
+			cpu = append(cpu, r.Plugin.CPUPerCall)
 		}
 	}
-	e.Throughput, e.P50, e.P99 = median(tput), median(p50), median(p99)
+	e.Throughput, e.P50, e.P99, e.CPUPerCall = median(tput), median(p50), median(p99), median(cpu)
 }
 
 // writeComparison prints one table per cell: the medians of each endpoint, their ratio to the first, and the
@@ -185,11 +188,12 @@ func writeComparison(w io.Writer, c *Comparison) {
 	for _, cell := range c.Cells {
 		fmt.Fprintf(w, "\n%s, concurrency %d: median of %d alternating runs\n", cell.Method, cell.Concurrency, c.Repeat)
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "endpoint\treq/s\tp50\tp99\terrors\treq/s ratio\tp99 ratio\tmax RSS\truns (req/s, p99, load)\t")
+		fmt.Fprintln(tw, "endpoint\treq/s\tp50\tp99\terrors\treq/s ratio\tp99 ratio\tmax RSS\tCPU/call\truns (req/s, p99, load)\t")
 		for _, e := range cell.Endpoints {
-			rss := "-"
+			rss, cpu := "-", "-"
 			if e.RSSMax > 0 {
 				rss = fmt.Sprintf("%.1f MiB", float64(e.RSSMax)/1024)
+				cpu = fmt.Sprintf("%.1fµs", e.CPUPerCall)
 			}
 			var runs []string
 			for _, r := range e.Runs {
@@ -197,8 +201,8 @@ func writeComparison(w io.Writer, c *Comparison) {
 				runs = append(runs, fmt.Sprintf("%.0f %s %s", m.Throughput, formatMicros(m.P99),
 					strings.Fields(r.Machine.LoadAvg + " ?")[0]))
 			}
-			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%d\t%.2fx\t%.2fx\t%s\t%s\t\n", e.Name, e.Throughput,
-				formatMicros(e.P50), formatMicros(e.P99), e.Errors, e.ThroughputRatio, e.P99Ratio, rss,
+			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%d\t%.2fx\t%.2fx\t%s\t%s\t%s\t\n", e.Name, e.Throughput,
+				formatMicros(e.P50), formatMicros(e.P99), e.Errors, e.ThroughputRatio, e.P99Ratio, rss, cpu,
 				strings.Join(runs, "; "))
 		}
 		tw.Flush()

@@ -55,8 +55,9 @@ func loadAvg() string {
 	return strings.Join(f[:3], " ")
 }
 
-// Memory is the resident set of the plugin process, from /proc/PID/status, in KiB.
-type Memory struct {
+// Process is what the plugin process used during a run, from /proc/PID/status and /proc/PID/stat. Memory is
+// in KiB.
+type Process struct {
 	PID int `json:"pid"`
 	// Before is VmRSS just before the load started (idle, after any warm-up).
 	Before int64 `json:"rss_before_kib"`
@@ -64,6 +65,37 @@ type Memory struct {
 	Max int64 `json:"rss_max_kib"`
 	// HWM is VmHWM after the load: the peak resident set since the process started.
 	HWM int64 `json:"hwm_kib"`
+	// CPU is the user plus system CPU time the process used during the run, in seconds (10 ms resolution).
+	CPU float64 `json:"cpu_seconds"`
+	// CPUPerCall is CPU divided by the calls made, in microseconds: unlike throughput, it hardly depends on
+	// what else runs on the machine.
+	CPUPerCall float64 `json:"cpu_per_call_us"`
+}
+
+// clockTicks is USER_HZ, the unit of the times in /proc/PID/stat: 100 on every Linux architecture Go supports.
+const clockTicks = 100
+
+// procCPU returns the user plus system CPU time of every thread of pid, in seconds.
+func procCPU(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces: count fields after the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64) // field 14
+	stime, err2 := strconv.ParseInt(f[12], 10, 64) // field 15
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: bad utime or stime", pid)
+	}
+	return float64(utime+stime) / clockTicks, nil
 }
 
 // procStatus reads the KiB values of VmRSS and VmHWM of pid.
@@ -95,20 +127,25 @@ func procStatus(pid int) (rss, hwm int64, err error) {
 	return rss, hwm, nil
 }
 
-// memorySampler samples the resident set of a process until stopped.
-type memorySampler struct {
-	mem  Memory
+// processSampler samples the resident set of a process until stopped, and measures its CPU time.
+type processSampler struct {
+	mem  Process
+	cpu  float64
 	stop context.CancelFunc
 	done chan struct{}
 }
 
-func startMemorySampler(pid int) (*memorySampler, error) {
+func startProcessSampler(pid int) (*processSampler, error) {
 	rss, _, err := procStatus(pid)
 	if err != nil {
 		return nil, fmt.Errorf("read memory of pid %d: %w", pid, err)
 	}
+	cpu, err := procCPU(pid)
+	if err != nil {
+		return nil, err
+	}
 	ctx, stop := context.WithCancel(context.Background())
-	s := &memorySampler{mem: Memory{PID: pid, Before: rss, Max: rss}, stop: stop, done: make(chan struct{})}
+	s := &processSampler{mem: Process{PID: pid, Before: rss, Max: rss}, cpu: cpu, stop: stop, done: make(chan struct{})}
 	go func() {
 		defer close(s.done)
 		t := time.NewTicker(100 * time.Millisecond)
@@ -127,9 +164,16 @@ func startMemorySampler(pid int) (*memorySampler, error) {
 	return s, nil
 }
 
-func (s *memorySampler) finish() Memory {
+// finish stops sampling and returns what the process used; calls is the number of calls made meanwhile.
+func (s *processSampler) finish(calls int64) Process {
 	s.stop()
 	<-s.done
+	if cpu, err := procCPU(s.mem.PID); err == nil {
+		s.mem.CPU = cpu - s.cpu
+		if calls > 0 {
+			s.mem.CPUPerCall = s.mem.CPU * 1e6 / float64(calls)
+		}
+	}
 	if rss, hwm, err := procStatus(s.mem.PID); err == nil {
 		s.mem.Max = max(s.mem.Max, rss)
 		s.mem.HWM = hwm

@@ -133,7 +133,7 @@ func runCommand(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs.StringVar(&c.Endpoint, "endpoint", "", "the plugin's socket, unix:///path.sock")
 	fs.StringVar(&c.Method, "method", "encrypt", "encrypt, decrypt, status or mix")
 	fs.IntVar(&c.Concurrency, "concurrency", 1, "calls in flight at once (workers sharing one connection, as in kube-apiserver)")
-	fs.IntVar(&c.PID, "pid", 0, "the plugin's process id: sample its resident set (VmRSS) during the run")
+	fs.IntVar(&c.PID, "pid", 0, "the plugin's process id: sample its resident set (VmRSS) and measure its CPU time during the run")
 	fs.StringVar(&c.MetricsURL, "metrics-url", "", "a Prometheus endpoint of the plugin to read counters from before and after the run")
 	match := fs.String("metrics-match", "kleidi_", "comma-separated metric name prefixes to report from --metrics-url")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
@@ -195,9 +195,10 @@ func writeReport(w io.Writer, r *Report) {
 	fmt.Fprintf(w, "machine: %d CPUs, %s; load average %s at start, %s at end\n",
 		r.Machine.NumCPU, r.Machine.CPU, r.Machine.LoadAvg, r.LoadAvgEnd)
 	writeResults(w, r.Results)
-	if m := r.Memory; m != nil {
-		fmt.Fprintf(w, "plugin pid %d: VmRSS %.1f MiB before, %.1f MiB max during the run; VmHWM %.1f MiB\n",
-			m.PID, float64(m.Before)/1024, float64(m.Max)/1024, float64(m.HWM)/1024)
+	if p := r.Plugin; p != nil {
+		fmt.Fprintf(w, "plugin pid %d: VmRSS %.1f MiB before, %.1f MiB max during the run; VmHWM %.1f MiB; "+
+			"CPU %.2fs, %.1fµs per call\n", p.PID, float64(p.Before)/1024, float64(p.Max)/1024, float64(p.HWM)/1024,
+			p.CPU, p.CPUPerCall)
 	}
 	for _, k := range sortedKeys(r.Metrics) {
 		fmt.Fprintf(w, "metric %s: %+g\n", k, r.Metrics[k])

@@ -142,7 +142,7 @@ type Report struct {
 	Healthz string  `json:"healthz"`
 	// Results has one entry per method called, then "total" if there were several.
 	Results []MethodResult     `json:"results"`
-	Memory  *Memory            `json:"memory,omitempty"`
+	Plugin  *Process           `json:"plugin,omitempty"`
 	Metrics map[string]float64 `json:"metric_deltas,omitempty"`
 	Machine Machine            `json:"machine"`
 	// LoadAvgEnd is the load average when the run ended.
@@ -235,9 +235,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 			return nil, fmt.Errorf("scrape metrics: %w", err)
 		}
 	}
-	var mem *memorySampler
+	var proc *processSampler
 	if cfg.PID != 0 {
-		if mem, err = startMemorySampler(cfg.PID); err != nil {
+		if proc, err = startProcessSampler(cfg.PID); err != nil {
 			return nil, err
 		}
 	}
@@ -246,9 +246,13 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 	workers, elapsed := l.drive(ctx, cfg.Count, cfg.Duration, cfg.Progress)
 	rep.Elapsed = elapsed.Seconds()
 	rep.LoadAvgEnd = loadAvg()
-	if mem != nil {
-		m := mem.finish()
-		rep.Memory = &m
+	var calls int64
+	for _, w := range workers {
+		calls += w.calls.Load()
+	}
+	if proc != nil {
+		p := proc.finish(calls)
+		rep.Plugin = &p
 	}
 	if cfg.MetricsURL != "" {
 		after, err := scrapeCounters(context.Background(), cfg.MetricsURL, cfg.MetricsMatch)
