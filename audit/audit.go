@@ -170,10 +170,13 @@ func (l *Logger) Log(r Record) {
 }
 
 // KeyEvents returns a function for [kleidi.WithKeyEvents] that records the Envelope's key operations of
-// provider.
+// provider. A reload that changed nothing and did not fail is not recorded: a server reloads every few seconds.
 func (l *Logger) KeyEvents(provider string) func(kleidi.KeyEvent) {
 	events := map[string]string{"unwrap": EventUnwrap, "rotate": EventRotate, "reload": EventReload, "rewrap": EventRewrap}
 	return func(ev kleidi.KeyEvent) {
+		if ev.Op == "reload" && !ev.Changed && ev.Err == nil {
+			return
+		}
 		r := Record{Event: events[ev.Op], KeyID: ev.KeyID, Provider: provider, Changed: ev.Changed, Duration: ev.Duration}
 		if ev.Err != nil {
 			r.ErrorType = kleidi.ErrorKind(ev.Err)

@@ -102,7 +102,18 @@ func TestKeyEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.Reload(ctx); err != nil {
+	first := e.KeyID()
+	if err := e.Reload(ctx); err != nil { // changes nothing: not recorded
+		t.Fatal(err)
+	}
+	rotator, err := kleidi.NewEnvelope(ctx, p, ring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rotator.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Reload(ctx); err != nil { // picks up the rotation
 		t.Fatal(err)
 	}
 	p.SetError(kleiditest.OpUnwrap, errors.Join(kleidi.ErrUnwrap, errors.New("secret detail")))
@@ -120,7 +131,8 @@ func TestKeyEvents(t *testing.T) {
 			t.Errorf("error_type = %v, want unwrap_refused", r["error_type"])
 		}
 	}
-	want := []string{"key.rotate ok " + e.KeyID() + " insecure", "keyring.reload ok " + e.KeyID() + " insecure", "key.unwrap error " + e.KeyID() + " insecure"}
+	want := []string{"key.rotate ok " + first + " insecure", "key.unwrap ok " + e.KeyID() + " insecure",
+		"keyring.reload ok " + e.KeyID() + " insecure", "key.unwrap error " + e.KeyID() + " insecure"}
 	if strings.Join(events, "\n") != strings.Join(want, "\n") {
 		t.Errorf("audit events:\n%s\nwant:\n%s", strings.Join(events, "\n"), strings.Join(want, "\n"))
 	}

@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/peer"
 
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/internal/socket"
 )
 
@@ -51,11 +52,12 @@ type Config struct {
 	// Logger receives operational records: start, stop, key changes, health changes and failed calls.
 	// Default: slog.Default(). Nothing secret is ever logged.
 	Logger *slog.Logger
-	// AuditLogger, if not nil, receives one record per call: method, request uid, caller uid/gid/pid, key_id,
+	// Audit, if not nil, receives one record per call: event, request uid, caller uid/gid/pid, key_id, provider,
 	// gRPC code and duration. Never plaintext or key material.
-	AuditLogger *slog.Logger
-	// Interceptors run around every call, after the server's own (panic recovery, caller check, deadline):
-	// the place for metrics. [CallerFromContext] gives the caller of a call.
+	Audit *audit.Logger
+	// Interceptors run around every call, inside panic recovery and outside the server's own error mapping,
+	// caller check and deadline, so they see the gRPC code the client gets: the place for metrics.
+	// [CallerFromContext] gives the caller of a call.
 	Interceptors []grpc.UnaryServerInterceptor
 	// OnReload, if not nil, is called after each background keyring reload with its error and whether the
 	// active key changed: the place for a reload metric.

@@ -24,6 +24,7 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/kleidi-kms/kleidi"
+	kleidiaudit "github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/kleiditest"
 	"github.com/kleidi-kms/kleidi/server"
 )
@@ -388,7 +389,7 @@ func TestCallerAndAudit(t *testing.T) {
 	var audit syncBuffer
 	ts := start(t, nil, nil, server.Config{
 		Interceptors: []grpc.UnaryServerInterceptor{record},
-		AuditLogger:  slog.New(slog.NewJSONHandler(&audit, nil)),
+		Audit:        kleidiaudit.New(&audit),
 	})
 	secret := []byte("plaintext-that-must-not-be-logged")
 	if _, err := ts.client.Encrypt(callCtx(t), &kmsapi.EncryptRequest{Plaintext: secret, Uid: "audit-uid-1"}); err != nil {
@@ -403,8 +404,8 @@ func TestCallerAndAudit(t *testing.T) {
 		t.Errorf("CallerFromContext() = %+v, want uid %d pid %d", c, os.Getuid(), os.Getpid())
 	}
 	log := audit.String()
-	for _, want := range []string{`"request_uid":"audit-uid-1"`, `"method":"/v2.KeyManagementService/Encrypt"`, `"code":"OK"`, ts.env.KeyID(),
-		fmt.Sprintf(`"pid":%d`, os.Getpid())} {
+	for _, want := range []string{`"request_uid":"audit-uid-1"`, `"event":"kms.encrypt"`, `"outcome":"ok"`, ts.env.KeyID(),
+		fmt.Sprintf(`"caller_pid":%d`, os.Getpid())} {
 		if !strings.Contains(log, want) {
 			t.Errorf("audit log %s does not contain %s", log, want)
 		}

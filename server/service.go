@@ -16,12 +16,13 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/internal/socket"
 )
 
 func (s *Server) newGRPCServer() *grpc.Server {
-	interceptors := append([]grpc.UnaryServerInterceptor{s.recoverPanic, s.logCall, s.checkCaller, s.deadline},
-		s.cfg.Interceptors...)
+	interceptors := append(append([]grpc.UnaryServerInterceptor{s.recoverPanic}, s.cfg.Interceptors...),
+		s.logCall, s.checkCaller, s.deadline)
 	gs := grpc.NewServer(
 		grpc.Creds(socket.Credentials()),
 		grpc.ForceServerCodecV2(rawCodec{}),
@@ -174,12 +175,44 @@ func (s *Server) logCall(ctx context.Context, req any, info *grpc.UnaryServerInf
 		}
 		err = statusError(err)
 	}
-	if s.cfg.AuditLogger != nil {
-		attrs := []any{"method", info.FullMethod, "code", code.String(), "duration", time.Since(start)}
-		attrs = append(attrs, callAttrs(ctx, req, resp)...)
-		s.cfg.AuditLogger.Info("kms call", attrs...)
+	if s.cfg.Audit != nil {
+		s.cfg.Audit.Log(s.auditRecord(ctx, info, req, resp, code, time.Since(start)))
 	}
 	return resp, err
+}
+
+// auditEvents are the audit events of the KMS methods.
+var auditEvents = map[string]string{
+	"/v2.KeyManagementService/Status":  audit.EventStatus,
+	"/v2.KeyManagementService/Encrypt": audit.EventEncrypt,
+	"/v2.KeyManagementService/Decrypt": audit.EventDecrypt,
+}
+
+// auditRecord describes a call for the audit log. Never plaintext or key material.
+func (s *Server) auditRecord(ctx context.Context, info *grpc.UnaryServerInfo, req, resp any, code codes.Code, d time.Duration) audit.Record {
+	r := audit.Record{Event: auditEvents[info.FullMethod], Provider: s.provider.Name(), Duration: d}
+	if r.Event == "" {
+		r.Event = "kms.other"
+	}
+	switch q := req.(type) {
+	case *kmsapi.EncryptRequest:
+		r.RequestUID = truncate(q.GetUid())
+	case *kmsapi.DecryptRequest:
+		r.RequestUID, r.KeyID = truncate(q.GetUid()), truncate(q.GetKeyId())
+	}
+	switch q := resp.(type) {
+	case *kmsapi.EncryptResponse:
+		r.KeyID = q.GetKeyId()
+	case *kmsapi.StatusResponse:
+		r.KeyID = q.GetKeyId()
+	}
+	if c, ok := CallerFromContext(ctx); ok {
+		r.Caller = &audit.Caller{UID: c.UID, GID: c.GID, PID: c.PID}
+	}
+	if code != codes.OK {
+		r.ErrorType = code.String()
+	}
+	return r
 }
 
 // callAttrs describes a call for the log: request uid, caller and key_id. Never plaintext or key material.

@@ -3,13 +3,16 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -19,7 +22,9 @@ import (
 	"google.golang.org/grpc/status"
 	kmsapi "k8s.io/kms/apis/v2"
 
+	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/internal/socket"
+	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/server"
 )
 
@@ -31,7 +36,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	httpAddr := fs.String("http-addr", "127.0.0.1:8787", "`host:port` of the HTTP endpoints /livez, /readyz, /healthz (\"off\" for none)")
 	mode := modeValue(0o600)
 	fs.Var(&mode, "socket-mode", "file `mode` of the socket, in octal: 0600 for the plugin's own user, 0660 to let its group in")
-	auditLog := fs.String("audit-log", "", "`file` to append one JSON record per KMS call to, or - for standard output (default: none)")
+	auditLog := fs.String("audit-log", "", "`file` to append the audit log to (one JSON record per KMS call and key operation; reopened on SIGHUP), or - for standard output (default: none)")
 	var allowed uidList
 	fs.Var(&allowed, "allowed-uids", "comma-separated `uids` allowed to call the plugin (default: any that may open the socket)")
 	if err := parse(fs, args); err != nil {
@@ -41,6 +46,20 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	o.devKeyAllowed, o.createKeyring = true, true
+	m, err := metrics.New()
+	if err != nil {
+		return err
+	}
+	defer m.Shutdown(context.Background())
+	o.metrics = m
+	if *auditLog != "" {
+		if o.audit, err = openAudit(*auditLog, stdout); err != nil {
+			return err
+		}
+		defer o.audit.Close()
+		stopReopen := reopenOnSIGHUP(o.audit, o.log)
+		defer stopReopen()
+	}
 	p, env, created, err := o.open(ctx)
 	if err != nil {
 		return err
@@ -49,31 +68,72 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if created {
 		o.log.Info("initialised the state directory with a first KEK", "state_dir", o.stateDir, "key_id", env.KeyID())
 	}
-	cfg := server.Config{Logger: o.log, SocketMode: mode.fileMode(), AllowedUIDs: allowed}
-	if *auditLog != "" {
-		w := stdout
-		if *auditLog != "-" {
-			f, err := os.OpenFile(*auditLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-			if err != nil {
-				return fmt.Errorf("--audit-log: %w", err)
-			}
-			defer f.Close()
-			w = f
-		}
-		cfg.AuditLogger = slog.New(slog.NewJSONHandler(w, nil))
-	}
+	cfg := server.Config{Logger: o.log, SocketMode: mode.fileMode(), AllowedUIDs: allowed, Audit: o.audit,
+		Interceptors: []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()}, OnReload: m.KeyringReloaded}
 	srv, err := server.New(env, p, cfg)
 	if err != nil {
 		return err
 	}
+	if err := m.Observe(env, func() bool { return srv.Healthz() == "ok" }); err != nil {
+		return err
+	}
 	if *httpAddr != "off" && *httpAddr != "" {
-		stopHTTP, err := serveHTTP(*httpAddr, srv.Handler(), o.log)
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", m.Handler())
+		mux.Handle("/", srv.Handler())
+		stopHTTP, err := serveHTTP(*httpAddr, mux, o.log)
 		if err != nil {
 			return err
 		}
 		defer stopHTTP()
 	}
+	lifecycle(o.audit, audit.EventStart, env.KeyID(), p.Name())
+	defer func() { lifecycle(o.audit, audit.EventStop, env.KeyID(), p.Name()) }()
 	return srv.ListenAndServe(ctx, *listen)
+}
+
+// openAudit opens the audit log: a file, or standard output for "-".
+func openAudit(path string, stdout io.Writer) (*audit.Logger, error) {
+	if path == "-" {
+		return audit.New(stdout), nil
+	}
+	l, err := audit.OpenFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--audit-log: %w", err)
+	}
+	return l, nil
+}
+
+// reopenOnSIGHUP reopens the audit log file on SIGHUP, for logrotate, until the returned function is called.
+func reopenOnSIGHUP(l *audit.Logger, log *slog.Logger) (stop func()) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-hup:
+				if err := l.Reopen(); err != nil {
+					log.Error("reopening the audit log", "error", err)
+				} else {
+					log.Info("reopened the audit log")
+				}
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() {
+		signal.Stop(hup)
+		close(done)
+	}
+}
+
+// lifecycle writes a plugin.start or plugin.stop record to the audit log, if there is one.
+func lifecycle(l *audit.Logger, event, keyID, provider string) {
+	if l != nil {
+		l.Log(audit.Record{Event: event, KeyID: keyID, Provider: provider})
+	}
 }
 
 // serveHTTP serves h on addr until the returned function is called.
@@ -199,5 +259,33 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		fmt.Fprintf(stderr, "kleidi-server status: unhealthy: %s\n", st.Healthz)
 		return errUnhealthy
 	}
+	return nil
+}
+
+func runVerifyAudit(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("verify-audit", stderr)
+	if err := fs.Parse(args); err != nil { // no flags of its own; the arguments are files
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	if fs.NArg() == 0 {
+		return errors.New("name the audit log files to check, oldest first")
+	}
+	var readers []io.Reader
+	for _, name := range fs.Args() {
+		f, err := os.Open(name)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		readers = append(readers, f)
+	}
+	n, err := audit.Verify(io.MultiReader(readers...))
+	if err != nil {
+		return fmt.Errorf("%d records intact, then: %w", n, err)
+	}
+	fmt.Fprintf(stdout, "%d records, hash chain intact\n", n)
 	return nil
 }

@@ -74,6 +74,15 @@ Exit status 0 only when healthz is "ok".`,
 		run:     runStatus,
 	},
 	{
+		name:    "verify-audit",
+		summary: "check the hash chain of an audit log",
+		usage: `Check that no record of an audit log written by serve --audit-log was changed, removed or inserted: each
+record carries the SHA-256 of the line before it. Give rotated files oldest first. Exit status 0 only when the
+chain is intact.`,
+		example: `kleidi-server verify-audit /var/log/kleidi/audit.log.1 /var/log/kleidi/audit.log`,
+		run:     runVerifyAudit,
+	},
+	{
 		name:    "version",
 		summary: "print the version",
 		usage:   `Print the version of kleidi-server.`,
@@ -142,7 +151,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 func mainUsage(w io.Writer) {
 	fmt.Fprintf(w, "kleidi-server is the kleidi Kubernetes KMS v2 plugin.\n\nUsage: kleidi-server <command> [flags]\n\nCommands:\n")
 	for _, c := range commands {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-13s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(w, "\nEvery flag can also be set with an environment variable: --state-dir is KLEIDI_STATE_DIR.\n")
 	fmt.Fprintf(w, "Run kleidi-server <command> --help for its flags.\n\nExample, as any user:\n  kleidi-server serve &\n  kleidi-server status --wait 30s\n")

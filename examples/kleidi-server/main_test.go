@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -144,14 +145,15 @@ func (srv *server) wait(t *testing.T) int {
 	}
 }
 
+// httpAddress finds the HTTP address in a text or JSON log.
+var httpAddress = regexp.MustCompile(`address"?[=:]"?http://([0-9.:]+)`)
+
 // httpAddr returns the address of the server's HTTP endpoints, from its log.
 func (srv *server) httpAddr(t *testing.T) string {
 	t.Helper()
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		log := srv.stderr.String()
-		if _, rest, ok := strings.Cut(log, `address=http://`); ok {
-			addr, _, _ := strings.Cut(rest, "\n")
-			return addr
+		if m := httpAddress.FindStringSubmatch(srv.stderr.String()); m != nil {
+			return m[1]
 		}
 	}
 	t.Fatalf("no HTTP address in the log:\n%s", srv.stderr.String())
@@ -455,8 +457,8 @@ func TestProviders(t *testing.T) {
 			t.Fatalf("rotate with gpg keys from the environment = %d, %q, %q; want 0", code, out, errOut)
 		}
 		b, err := os.ReadFile(audit)
-		if err != nil || !strings.Contains(string(b), `"method":"/v2.KeyManagementService/Status"`) ||
-			!strings.Contains(string(b), fmt.Sprintf(`"uid":%d`, os.Getuid())) {
+		if err != nil || !strings.Contains(string(b), `"event":"kms.status"`) ||
+			!strings.Contains(string(b), fmt.Sprintf(`"caller_uid":%d`, os.Getuid())) {
 			t.Errorf("audit log = %q, %v; want a Status record with the caller's uid", b, err)
 		}
 	})

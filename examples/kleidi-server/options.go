@@ -14,7 +14,9 @@ import (
 	"strings"
 
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/gpg"
+	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/tpm"
 )
 
@@ -37,6 +39,10 @@ type options struct {
 	log           *slog.Logger
 	devKeyAllowed bool
 	createKeyring bool
+
+	// Set by serve before open: the provider is instrumented and the Envelope's key operations audited.
+	metrics *metrics.Metrics
+	audit   *audit.Logger
 }
 
 func (o *options) register(fs *flag.FlagSet) {
@@ -48,7 +54,7 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.tpmPath, "tpm", tpm.DefaultPath, "the `TPM`: a device (/dev/tpmrm0), tcp://host:port or unix:///path (swtpm), or simulator (in-process, for tests)")
 	fs.StringVar(&o.tpmPCRs, "tpm-pcrs", "", "comma-separated `PCRs` new KEKs are sealed to, such as 7 or 0,2,7 (default: none)")
 	fs.StringVar(&o.tpmAuthFile, "tpm-auth-file", "", "`file` holding the auth value of sealed KEKs (optional)")
-	fs.StringVar(&o.logFormat, "log-format", "text", "log `format`: text or json")
+	fs.StringVar(&o.logFormat, "log-format", "auto", "log `format`: text, json, or auto (text on a terminal, else json)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 }
 
@@ -67,14 +73,11 @@ func newLogger(format, level string, w io.Writer) (*slog.Logger, error) {
 	if err := lv.UnmarshalText([]byte(level)); err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
 	}
-	opts := &slog.HandlerOptions{Level: lv}
-	switch format {
-	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	h, err := audit.NewLogHandler(w, format, lv)
+	if err != nil {
+		return nil, fmt.Errorf("--log-format: %w", err)
 	}
-	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+	return slog.New(h), nil
 }
 
 func (o *options) keyringPath() string { return filepath.Join(o.stateDir, keyringFile) }
@@ -113,7 +116,14 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 	if err != nil {
 		return nil, nil, false, err
 	}
-	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(o.keyringPath()))
+	var opts []kleidi.Option
+	if o.metrics != nil {
+		p = o.metrics.Provider(p)
+	}
+	if o.audit != nil {
+		opts = append(opts, kleidi.WithKeyEvents(o.audit.KeyEvents(p.Name())))
+	}
+	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(o.keyringPath()), opts...)
 	if err != nil {
 		p.Close()
 		return nil, nil, false, err
