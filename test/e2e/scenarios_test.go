@@ -116,7 +116,9 @@ func (e *env) setup(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		start := time.Now()
 		pub, priv, pass := gpgKey(t, keys, uid)
+		t.Logf("OpenPGP key made with gpg in %s", time.Since(start).Round(time.Millisecond))
 		flags = []string{"--gpg-public-key=" + pub, "--gpg-private-key=" + priv, "--gpg-passphrase-file=" + pass}
 	case "tpm":
 		uid := -1
@@ -127,7 +129,9 @@ func (e *env) setup(t *testing.T) {
 		flags = []string{"--tpm=" + e.tpm.addr(), "--tpm-pcrs=7"}
 	}
 	e.plugin = newPlugin(t, e.procs, filepath.Join(e.dir, "kleidi"), e.provider, flags)
+	start := time.Now()
 	e.plugin.cli(t, append([]string{"init"}, e.plugin.commonFlags()...)...)
+	t.Logf("kleidi-server init in %s", time.Since(start).Round(time.Millisecond))
 	e.plugin.start(t)
 	e.c = startCluster(t, e.procs, e.dir, encryptionConfig(e.plugin.sock))
 	e.c.ensureNamespace(t, e.ns)
