@@ -16,7 +16,7 @@
 //	outcome      ok or error
 //	error_type   for kms.* events the gRPC code (InvalidArgument, ...); otherwise a [kleidi.ErrorKind]
 //	changed      keyring.reload only: true when the active key changed
-//	duration_ms  how long the operation took, in milliseconds
+//	duration_us  how long the operation took, in microseconds
 //	prev         hex SHA-256 of the previous line of the log: the records form a hash chain ([Verify])
 //
 // A record never holds plaintext, a key, a DEK seed, a passphrase or an error message.
@@ -71,19 +71,29 @@ type Record struct {
 }
 
 // Logger writes audit records as JSON lines to a file or a stream. It is safe for concurrent use.
+//
+// Every record is written before [Logger.Log] returns. Records logged concurrently share one write (group
+// commit): under load the log costs one system call per batch, not per record.
 type Logger struct {
-	mu     sync.Mutex
-	path   string // "" for a stream
-	file   *os.File
-	chain  *chainWriter
-	logger *slog.Logger
+	mu      sync.Mutex
+	flushed *sync.Cond // signalled when a batch is written
+	path    string     // "" for a stream
+	w       io.Writer
+	logger  *slog.Logger
+
+	pending  []byte            // records encoded but not yet written
+	spare    []byte            // the buffer of the last batch, reused
+	prev     [sha256.Size]byte // hash of the last record encoded
+	appended uint64            // records encoded
+	written  uint64            // records written
+	writing  bool              // a batch is being written, outside mu
 }
 
 // New returns a Logger that writes to w (for example os.Stdout).
 func New(w io.Writer) *Logger {
-	l := &Logger{chain: &chainWriter{}}
-	l.chain.w = w
-	l.logger = slog.New(slog.NewJSONHandler(l.chain, &slog.HandlerOptions{ReplaceAttr: schemaAttr}))
+	l := &Logger{w: w}
+	l.flushed = sync.NewCond(&l.mu)
+	l.logger = slog.New(slog.NewJSONHandler((*recordBuffer)(l), &slog.HandlerOptions{ReplaceAttr: schemaAttr}))
 	return l
 }
 
@@ -95,7 +105,7 @@ func OpenFile(path string) (*Logger, error) {
 		return nil, err
 	}
 	l := New(f)
-	l.path, l.file = path, f
+	l.path = path
 	return l, nil
 }
 
@@ -105,6 +115,17 @@ func openAppend(path string) (*os.File, error) {
 		return nil, fmt.Errorf("audit: open %s: %w", path, err)
 	}
 	return f, nil
+}
+
+// idle waits until no batch is being written. The caller holds mu; every record logged before is written then.
+func (l *Logger) idle() {
+	for l.writing || l.written < l.appended {
+		if !l.writing {
+			l.writeBatch()
+			continue
+		}
+		l.flushed.Wait()
+	}
 }
 
 // Reopen closes the file and opens its path again; for a stream it does nothing.
@@ -118,19 +139,21 @@ func (l *Logger) Reopen() error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	old := l.file
-	l.file, l.chain.w = f, f
+	l.idle()
+	old := l.w.(*os.File)
+	l.w = f
 	return old.Close()
 }
 
 // Close closes the file of a Logger made by OpenFile.
 func (l *Logger) Close() error {
-	if l.file == nil {
+	if l.path == "" {
 		return nil
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.file.Close()
+	l.idle()
+	return l.w.(*os.File).Close()
 }
 
 // Log writes r.
@@ -160,13 +183,32 @@ func (l *Logger) Log(r Record) {
 	if r.Event == EventReload {
 		attrs = append(attrs, slog.Bool("changed", r.Changed))
 	}
-	attrs = append(attrs, slog.Float64("duration_ms", float64(r.Duration.Microseconds())/1000))
+	attrs = append(attrs, slog.Int64("duration_us", r.Duration.Microseconds())) // an integer: slog encodes floats slowly
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	attrs = append(attrs, slog.String("prev", hex.EncodeToString(l.chain.prev[:])))
+	attrs = append(attrs, slog.String("prev", hex.EncodeToString(l.prev[:])))
 	rec := slog.NewRecord(r.Time, slog.LevelInfo, r.Event, 0)
 	rec.AddAttrs(attrs...)
-	l.logger.Handler().Handle(context.Background(), rec)
+	l.logger.Handler().Handle(context.Background(), rec) // appends the line to pending
+	mine := l.appended
+	for l.written < mine {
+		if l.writing {
+			l.flushed.Wait() // the batch being written may not hold this record; wait, then look again
+			continue
+		}
+		l.writeBatch()
+	}
+}
+
+// writeBatch writes every pending record, releasing mu during the write. The caller holds mu.
+func (l *Logger) writeBatch() {
+	batch, upto, w := l.pending, l.appended, l.w
+	l.pending, l.writing = l.spare[:0], true
+	l.mu.Unlock()
+	w.Write(batch) // an audit sink that fails cannot be reported anywhere better than in the records it loses
+	l.mu.Lock()
+	l.spare, l.written, l.writing = batch, upto, false
+	l.flushed.Broadcast()
 }
 
 // KeyEvents returns a function for [kleidi.WithKeyEvents] that records the Envelope's key operations of
@@ -196,14 +238,13 @@ func schemaAttr(groups []string, a slog.Attr) slog.Attr {
 	return a
 }
 
-// chainWriter receives each record as one Write (slog's JSON handler writes a record at once) and remembers
-// the hash of the last line for the next record's prev.
-type chainWriter struct {
-	w    io.Writer
-	prev [sha256.Size]byte
-}
+// recordBuffer is where the JSON handler writes: each record arrives as one Write (slog writes a record at once)
+// and is appended to the pending batch, and its hash becomes the next record's prev. Logger.mu is held.
+type recordBuffer Logger
 
-func (c *chainWriter) Write(line []byte) (int, error) {
-	c.prev = sha256.Sum256(line)
-	return c.w.Write(line)
+func (b *recordBuffer) Write(line []byte) (int, error) {
+	b.prev = sha256.Sum256(line)
+	b.pending = append(b.pending, line...)
+	b.appended++
+	return len(line), nil
 }

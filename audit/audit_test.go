@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -32,7 +33,7 @@ func TestRecordSchema(t *testing.T) {
 	want := map[string]any{
 		"time": "2026-11-25T10:00:00Z", "event": "kms.decrypt", "request_uid": "req-1", "caller_uid": 0.0,
 		"caller_gid": 0.0, "caller_pid": 42.0, "key_id": "kleidi-tpm-x", "provider": "tpm", "outcome": "error",
-		"error_type": "InvalidArgument", "duration_ms": 1.5,
+		"error_type": "InvalidArgument", "duration_us": 1500.0,
 		"prev": strings.Repeat("0", 64),
 	}
 	if len(got) != len(want) {
@@ -162,5 +163,34 @@ func TestLogHandler(t *testing.T) {
 	}
 	if _, err := audit.NewLogHandler(&buf, "xml", slog.LevelInfo); err == nil {
 		t.Errorf("NewLogHandler(xml) err = nil, want an error")
+	}
+}
+
+func TestConcurrentRecordsKeepTheChain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := audit.OpenFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const goroutines, each = 8, 200
+	done := make(chan struct{})
+	for g := range goroutines {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for i := range each {
+				l.Log(audit.Record{Event: audit.EventDecrypt, RequestUID: fmt.Sprint(g, "-", i)})
+				if i == each/2 && g == 0 {
+					l.Reopen()
+				}
+			}
+		}()
+	}
+	for range goroutines {
+		<-done
+	}
+	l.Close()
+	b, _ := os.ReadFile(path)
+	if n, err := audit.Verify(bytes.NewReader(b)); err != nil || n != goroutines*each {
+		t.Errorf("audit.Verify(log of %d concurrent records) = %d, %v; want %d, nil", goroutines*each, n, err, goroutines*each)
 	}
 }
