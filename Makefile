@@ -1,8 +1,9 @@
 # One command runs every check: `make test`. CI runs it through .ci/run.
 GO ?= go
 STATICCHECK ?= $(shell $(GO) env GOPATH)/bin/staticcheck
-# Test modules of their own (their Kubernetes dependencies never reach library users).
-TEST_MODULES := $(dir $(wildcard test/*/go.mod))
+# Modules of their own (their Kubernetes dependencies never reach library users): the tests through
+# kube-apiserver's KMS client, the end-to-end tests, and the load tool.
+TEST_MODULES := $(dir $(wildcard test/*/go.mod examples/*/go.mod))
 
 .PHONY: test lint unit e2e bench fuzz
 
@@ -12,15 +13,16 @@ lint:
 	@test -z "$$(gofmt -l . | tee /dev/stderr)" || (echo "gofmt: the files above need formatting" && exit 1)
 	$(GO) vet ./...
 	$(STATICCHECK) ./...
+	set -e; for m in $(TEST_MODULES); do (cd $$m && $(GO) vet ./... && $(STATICCHECK) ./...); done
 
 # Unit, integration and fuzz-seed tests of the library, the providers and the server, with the race detector.
 unit:
 	$(GO) test -race -count=1 -timeout 15m ./...
 
-# Tests through kube-apiserver's own KMS client (test/kmsclient) and end-to-end tests against a real
-# kube-apiserver and etcd (test/e2e).
+# Tests through kube-apiserver's own KMS client (test/kmsclient), end-to-end tests against a real kube-apiserver
+# and etcd (test/e2e, -v for each scenario's wall time), and the load tool's tests.
 e2e:
-	set -e; for m in $(TEST_MODULES); do (cd $$m && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 30m ./...); done
+	set -e; for m in $(TEST_MODULES); do (cd $$m && $(GO) test -race -count=1 -timeout 30m -v ./...); done
 
 # Benchmarks of the hot path beside the bare AES-GCM floor, as recorded in BENCHMARKS.md.
 bench:
