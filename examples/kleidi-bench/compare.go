@@ -89,8 +89,11 @@ type EndpointCells struct {
 	// RSSMax is the largest resident set sampled during the runs, in KiB (0 without a PID).
 	RSSMax int64 `json:"rss_max_kib,omitempty"`
 	// CPUPerCall is the median over the runs of the plugin's CPU time per call, in µs (0 without a PID).
-	CPUPerCall float64   `json:"median_plugin_cpu_per_call_us,omitempty"`
-	Runs       []*Report `json:"runs"`
+	CPUPerCall float64 `json:"median_plugin_cpu_per_call_us,omitempty"`
+	// Calls is the number of calls of all the runs; Metrics sums each metric's change over the runs.
+	Calls   int64              `json:"calls"`
+	Metrics map[string]float64 `json:"metric_deltas,omitempty"`
+	Runs    []*Report          `json:"runs"`
 }
 
 // Compare runs the comparison. The endpoints take turns within each repetition, and the one that goes first
@@ -172,6 +175,13 @@ func (e *EndpointCells) summarize(result string) {
 		p50 = append(p50, m.P50)
 		p99 = append(p99, m.P99)
 		e.Errors += m.Errors
+		e.Calls += m.Count
+		for k, v := range r.Metrics {
+			if e.Metrics == nil {
+				e.Metrics = map[string]float64{}
+			}
+			e.Metrics[k] += v
+		}
 		if r.Plugin != nil {
 			e.RSSMax = max(e.RSSMax, r.Plugin.Max)
 			cpu = append(cpu, r.Plugin.CPUPerCall)
@@ -206,5 +216,11 @@ func writeComparison(w io.Writer, c *Comparison) {
 				strings.Join(runs, "; "))
 		}
 		tw.Flush()
+		for _, e := range cell.Endpoints {
+			for _, k := range sortedKeys(e.Metrics) {
+				fmt.Fprintf(w, "%s: %s %+g over %d calls (%.2f per 10,000 calls)\n", e.Name, k, e.Metrics[k], e.Calls,
+					e.Metrics[k]*1e4/float64(max(e.Calls, 1)))
+			}
+		}
 	}
 }

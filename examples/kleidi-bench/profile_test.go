@@ -11,15 +11,18 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2"
 	kmsservice "k8s.io/kms/pkg/service"
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/gpg"
+	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/server"
 )
 
-// BenchmarkPlugin runs the baseline and kleidi's server (gpg root of trust) in this process and calls each
+// BenchmarkPlugin runs the baseline and kleidi's server (gpg root of trust; bare, and with metrics wired as
+// kleidi-server wires them) in this process and calls each
 // through kube-apiserver's client on a unix socket, concurrency 16 (b.SetParallelism over GOMAXPROCS), so a
 // CPU profile shows where each spends its time:
 //
@@ -27,7 +30,7 @@ import (
 //
 // The figures of record come from compare.sh against the real binaries, not from this benchmark.
 func BenchmarkPlugin(b *testing.B) {
-	for _, plugin := range []string{"baseline", "kleidi-gpg"} {
+	for _, plugin := range []string{"baseline", "kleidi-gpg", "kleidi-gpg-metrics"} {
 		b.Run(plugin, func(b *testing.B) {
 			endpoint := startBenchPlugin(b, plugin)
 			client, err := kmsv2.NewGRPCService(b.Context(), endpoint, providerName, 3*time.Second)
@@ -82,7 +85,7 @@ func startBenchPlugin(b *testing.B, plugin string) string {
 	switch plugin {
 	case "baseline":
 		go func() { done <- serveBaseline(ctx, l, 3*time.Second) }()
-	case "kleidi-gpg":
+	case "kleidi-gpg", "kleidi-gpg-metrics":
 		cfg, err := gpg.GenerateDevelopmentKey(filepath.Join(dir, "gpg"))
 		if err != nil {
 			b.Fatalf("gpg.GenerateDevelopmentKey() err = %v, want nil", err)
@@ -96,9 +99,24 @@ func startBenchPlugin(b *testing.B, plugin string) string {
 		if err != nil {
 			b.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
 		}
-		srv, err := server.New(env, p, server.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		scfg := server.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+		var m *metrics.Metrics
+		if plugin == "kleidi-gpg-metrics" {
+			if m, err = metrics.New(); err != nil {
+				b.Fatalf("metrics.New() err = %v, want nil", err)
+			}
+			b.Cleanup(func() { m.Shutdown(context.Background()) })
+			scfg.Interceptors = []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()}
+			scfg.OnReload = m.KeyringReloaded
+		}
+		srv, err := server.New(env, p, scfg)
 		if err != nil {
 			b.Fatalf("server.New() err = %v, want nil", err)
+		}
+		if m != nil {
+			if err := m.Observe(env, func() bool { return srv.Healthz() == "ok" }); err != nil {
+				b.Fatalf("metrics.Observe() err = %v, want nil", err)
+			}
 		}
 		go func() { done <- srv.Serve(ctx, l) }()
 	default:
