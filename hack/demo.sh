@@ -140,8 +140,9 @@ step "what the API returns for the same Secret:"
 echo "    password = $from_api"
 [[ "$from_api" == "$value" ]] || die "the API returned $from_api, want $value"
 
-step "kleidi's audit log of the calls the apiserver made (method, gRPC code, caller uid):"
-sed -E 's/.*"method":"([^"]*)","code":"([^"]*)".*"caller":\{"uid":([0-9]+).*/    \1 \2 uid=\3/' "$work/audit.log" | tail -n 5
+step "kleidi's audit log of the calls the apiserver made (event, caller uid, key, outcome):"
+grep '"event":"kms\.' "$work/audit.log" | tail -n 5 |
+	sed -E 's/.*"event":"([^"]*)".*"caller_uid":([0-9]+).*"key_id":"([^"]*)".*"outcome":"([^"]*)".*/    \1 uid=\2 \3 \4/'
 
 if [[ "${KLEIDI_DEMO_WAIT:-}" == 1 ]]; then
 	step "control plane running; try: kubectl --server $api --token $token --insecure-skip-tls-verify get secrets"
