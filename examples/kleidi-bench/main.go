@@ -195,6 +195,7 @@ func writeReport(w io.Writer, r *Report) {
 	fmt.Fprintf(w, "machine: %d CPUs, %s; load average %s at start, %s at end\n",
 		r.Machine.NumCPU, r.Machine.CPU, r.Machine.LoadAvg, r.LoadAvgEnd)
 	writeResults(w, r.Results)
+	fmt.Fprintf(w, "client (this tool): %.1fµs CPU per call\n", r.ClientCPUPerCall)
 	if p := r.Plugin; p != nil {
 		fmt.Fprintf(w, "plugin pid %d: VmRSS %.1f MiB before, %.1f MiB max during the run; VmHWM %.1f MiB; "+
 			"CPU %.2fs, %.1fµs per call\n", p.PID, float64(p.Before)/1024, float64(p.Max)/1024, float64(p.HWM)/1024,

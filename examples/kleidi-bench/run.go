@@ -147,6 +147,8 @@ type Report struct {
 	Machine Machine            `json:"machine"`
 	// LoadAvgEnd is the load average when the run ended.
 	LoadAvgEnd string `json:"loadavg_end"`
+	// ClientCPUPerCall is the CPU time this tool (the client) used per call, in µs.
+	ClientCPUPerCall float64 `json:"client_cpu_per_call_us"`
 }
 
 // Result returns the result of the method named name ("encrypt", "total", ...).
@@ -243,12 +245,17 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 	}
 	rep.Machine = machineFacts()
 	rep.Start = time.Now()
+	clientCPU := selfCPU()
 	workers, elapsed := l.drive(ctx, cfg.Count, cfg.Duration, cfg.Progress)
+	clientCPU = selfCPU() - clientCPU
 	rep.Elapsed = elapsed.Seconds()
 	rep.LoadAvgEnd = loadAvg()
 	var calls int64
 	for _, w := range workers {
 		calls += w.calls.Load()
+	}
+	if calls > 0 {
+		rep.ClientCPUPerCall = clientCPU.Seconds() * 1e6 / float64(calls)
 	}
 	if proc != nil {
 		p := proc.finish(calls)
