@@ -71,8 +71,9 @@ type Server struct {
 	cfg      Config
 	log      *slog.Logger
 
-	health  atomic.Pointer[string] // "ok" or a short reason
-	serving atomic.Bool
+	health             atomic.Pointer[string] // "ok" or a short reason
+	serving            atomic.Bool
+	encryptAnnotations atomic.Pointer[encryptAnnotations]
 }
 
 // New returns a Server for env, whose root of trust is p (probed for health). It probes health once before

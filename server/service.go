@@ -21,8 +21,7 @@ import (
 )
 
 func (s *Server) newGRPCServer() *grpc.Server {
-	interceptors := append(append([]grpc.UnaryServerInterceptor{s.recoverPanic}, s.cfg.Interceptors...),
-		s.logCall, s.checkCaller, s.deadline)
+	interceptors := append(append([]grpc.UnaryServerInterceptor{s.recoverPanic}, s.cfg.Interceptors...), s.guard)
 	gs := grpc.NewServer(
 		grpc.Creds(socket.Credentials()),
 		grpc.ForceServerCodecV2(rawCodec{}),
@@ -57,6 +56,7 @@ func handler[Req any, PReq interface {
 		if err := dec(&raw); err != nil {
 			return nil, err
 		}
+		defer raw.buf.Free()
 		req := PReq(new(Req))
 		call := func(ctx context.Context, req any) (any, error) {
 			resp, err := method(srv.(*Server), ctx, req.(PReq))
@@ -65,7 +65,7 @@ func handler[Req any, PReq interface {
 			}
 			return resp, nil
 		}
-		if err := proto.Unmarshal(raw, req); err != nil {
+		if err := proto.Unmarshal(raw.buf.ReadOnlyData(), req); err != nil { // copies what it keeps: buf is reused
 			proto.Reset(req)
 			call = func(context.Context, any) (any, error) {
 				return nil, status.Error(codes.InvalidArgument, "malformed request: not a valid protobuf message")
@@ -79,7 +79,7 @@ func handler[Req any, PReq interface {
 }
 
 // rawMessage is a request as received, decoded by the handler.
-type rawMessage []byte
+type rawMessage struct{ buf mem.Buffer }
 
 // rawCodec is gRPC's proto codec, except that it hands a *rawMessage the bytes as they are.
 type rawCodec struct{}
@@ -88,7 +88,7 @@ func (rawCodec) Marshal(v any) (mem.BufferSlice, error) { return protoCodec().Ma
 
 func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	if r, ok := v.(*rawMessage); ok {
-		*r = data.Materialize()
+		r.buf = data.MaterializeToBuffer(mem.DefaultBufferPool()) // from a pool, as gRPC's codec does; the handler frees it
 		return nil
 	}
 	return protoCodec().Unmarshal(data, v)
@@ -110,15 +110,39 @@ func (s *Server) encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsa
 	if err != nil {
 		return nil, err
 	}
-	resp := &kmsapi.EncryptResponse{Ciphertext: c.Bytes(), KeyId: c.KeyID()}
-	if len(c.WrappedKey) > 0 {
-		resp.Annotations = map[string][]byte{WrappedKeyAnnotation: c.WrappedKey}
+	annotations, err := s.annotations(c.WrappedKey)
+	if err != nil {
+		return nil, err
 	}
+	resp := &kmsapi.EncryptResponse{Ciphertext: c.Bytes(), KeyId: c.KeyID(), Annotations: annotations}
 	if err := checkEncryptResponse(resp); err != nil {
 		// Not the client's fault: a provider whose wrapped keys break the limits. Internal, and logged.
 		return nil, internalError{err}
 	}
 	return resp, nil
+}
+
+// encryptAnnotations are the annotations of Encrypt responses under one active key, built and checked once.
+type encryptAnnotations struct {
+	wrapped     []byte
+	annotations map[string][]byte // read only: shared by every response under this key
+}
+
+// annotations returns the annotations carrying wrapped, the active key's wrapped form. They change only with the
+// active key, so the map is built and checked once per key rather than per call.
+func (s *Server) annotations(wrapped []byte) (map[string][]byte, error) {
+	if len(wrapped) == 0 {
+		return nil, nil
+	}
+	if a := s.encryptAnnotations.Load(); a != nil && len(a.wrapped) == len(wrapped) && &a.wrapped[0] == &wrapped[0] {
+		return a.annotations, nil
+	}
+	a := &encryptAnnotations{wrapped: wrapped, annotations: map[string][]byte{WrappedKeyAnnotation: wrapped}}
+	if err := checkAnnotations(a.annotations); err != nil {
+		return nil, internalError{err} // a provider whose wrapped keys break the limits
+	}
+	s.encryptAnnotations.Store(a)
+	return a.annotations, nil
 }
 
 func (s *Server) decrypt(ctx context.Context, req *kmsapi.DecryptRequest) (*kmsapi.DecryptResponse, error) {
@@ -157,10 +181,22 @@ func (s *Server) recoverPanic(ctx context.Context, req any, info *grpc.UnaryServ
 	return h(ctx, req)
 }
 
-// logCall maps errors to gRPC codes, logs failures, and writes the audit record.
-func (s *Server) logCall(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+// guard is the server's own interceptor, in one piece because it runs on every call: it refuses callers outside
+// AllowedUIDs, bounds the call with CallTimeout, maps errors to gRPC codes, logs failures and writes the audit
+// record.
+func (s *Server) guard(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	start := time.Now()
-	resp, err := h(ctx, req)
+	var resp any
+	var err error
+	if !s.allowed(ctx) {
+		err = status.Error(codes.PermissionDenied, "caller's uid is not allowed")
+	} else if d, ok := ctx.Deadline(); ok && d.Sub(start) <= s.cfg.CallTimeout {
+		resp, err = h(ctx, req) // the client's deadline is already the sooner one
+	} else {
+		tctx, cancel := context.WithTimeout(ctx, s.cfg.CallTimeout)
+		resp, err = h(tctx, req)
+		cancel()
+	}
 	code := Code(err)
 	if err != nil {
 		attrs := []any{"method", info.FullMethod, "code", code.String(), "error", err}
@@ -252,23 +288,13 @@ func truncate(s string) string {
 	return s
 }
 
-// checkCaller refuses callers outside AllowedUIDs.
-func (s *Server) checkCaller(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+// allowed reports whether the caller of ctx may call: any caller when AllowedUIDs is empty.
+func (s *Server) allowed(ctx context.Context) bool {
 	if len(s.cfg.AllowedUIDs) == 0 {
-		return h(ctx, req)
+		return true
 	}
 	c, ok := CallerFromContext(ctx)
-	if !ok || !slices.Contains(s.cfg.AllowedUIDs, c.UID) {
-		return nil, status.Error(codes.PermissionDenied, "caller's uid is not allowed")
-	}
-	return h(ctx, req)
-}
-
-// deadline bounds each call with CallTimeout.
-func (s *Server) deadline(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.CallTimeout)
-	defer cancel()
-	return h(ctx, req)
+	return ok && slices.Contains(s.cfg.AllowedUIDs, c.UID)
 }
 
 var _ slog.LogValuer = Caller{}
