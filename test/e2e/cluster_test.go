@@ -40,7 +40,7 @@ type cluster struct {
 }
 
 // startCluster starts etcd and kube-apiserver with the given EncryptionConfiguration.
-func startCluster(t *testing.T, ps *procs, dir, encryptionConfig string) *cluster {
+func startCluster(t testing.TB, ps *procs, dir, encryptionConfig string) *cluster {
 	t.Helper()
 	requireTool(t, "etcd", "etcd-server")
 	requireTool(t, "etcdctl", "etcd-client")

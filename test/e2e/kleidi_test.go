@@ -40,7 +40,7 @@ type plugin struct {
 	proc          *proc
 }
 
-func newPlugin(t *testing.T, ps *procs, dir, provider string, providerFlags []string) *plugin {
+func newPlugin(t testing.TB, ps *procs, dir, provider string, providerFlags []string) *plugin {
 	t.Helper()
 	p := &plugin{
 		bin:           kleidiServer(t),

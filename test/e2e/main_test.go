@@ -126,7 +126,7 @@ func kleidiServer(t testing.TB) string {
 
 // workDir makes a short temporary directory (unix socket paths are limited to
 // 108 bytes) that any uid may traverse but not list, removed at the end of the test.
-func workDir(t *testing.T, prefix string) string {
+func workDir(t testing.TB, prefix string) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", prefix)
 	if err != nil {

@@ -33,7 +33,7 @@ type procs struct {
 	list []*proc
 }
 
-func newProcs(t *testing.T) *procs {
+func newProcs(t testing.TB) *procs {
 	ps := &procs{}
 	t.Cleanup(func() {
 		ps.stopAll(t)
@@ -121,7 +121,7 @@ func (ps *procs) stopAll(t testing.TB) {
 	}
 }
 
-func (ps *procs) dumpLogs(t *testing.T) {
+func (ps *procs) dumpLogs(t testing.TB) {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	seen := map[string]bool{}

@@ -99,7 +99,7 @@ func runScenarios(t *testing.T, provider string) {
 	}
 }
 
-func (e *env) setup(t *testing.T) {
+func (e *env) setup(t testing.TB) {
 	var flags []string
 	switch e.provider {
 	case "gpg":
