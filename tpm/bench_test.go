@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/kleidi-kms/kleidi"
 )
 
 // countingTPM counts the commands sent to the TPM.
@@ -64,8 +66,49 @@ func benchmarkProvider(b *testing.B, open opener, perOp bool) {
 			}
 			b.ReportMetric(float64(n.Load())/float64(b.N), "tpmcmds/op")
 		})
+		if bc.name == "plain" {
+			benchmarkFirstDecrypt(b, p)
+		}
 		p.Close()
 	}
+}
+
+// benchmarkFirstDecrypt measures Envelope.Decrypt of a ciphertext under a KEK the process has not used yet (one
+// provider Unwrap, then AES-GCM) beside a Decrypt whose KEK is in memory.
+func benchmarkFirstDecrypt(b *testing.B, p kleidi.Provider) {
+	ctx := context.Background()
+	ring := kleidi.NewMemoryKeyring()
+	e, err := kleidi.NewEnvelope(ctx, p, ring)
+	if err != nil {
+		b.Fatal(err)
+	}
+	c, err := e.Encrypt(ctx, make([]byte, 32), nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := e.Rotate(ctx); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("Envelope/FirstDecrypt", func(b *testing.B) {
+		for b.Loop() {
+			b.StopTimer()
+			fresh, err := kleidi.NewEnvelope(ctx, p, ring) // unwraps the active KEK, not c's
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.StartTimer()
+			if _, err := fresh.Decrypt(ctx, c, nil); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("Envelope/CachedDecrypt", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := e.Decrypt(ctx, c, nil); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
 
 func BenchmarkSwtpm(b *testing.B) {
