@@ -9,6 +9,8 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -46,7 +48,9 @@ import (
 // benchWorkers is the number of concurrent client-go callers.
 const benchWorkers = 16
 
-var benchProviders = []string{"identity", "aesgcm", "kleidi-gpg", "kleidi-tpm"}
+// kms-baseline is examples/kleidi-bench's baseline plugin (AES-GCM under an in-memory key, nothing else) behind
+// the same KMS v2 configuration as kleidi: what any KMS v2 plugin costs the apiserver.
+var benchProviders = []string{"identity", "aesgcm", "kms-baseline", "kleidi-gpg", "kleidi-tpm"}
 
 // benchTarget is one control plane under benchmark.
 type benchTarget struct {
@@ -87,6 +91,14 @@ resources:
               secret: `+base64.StdEncoding.EncodeToString(key)+`
       - identity: {}
 `)
+	case "kms-baseline":
+		sock := filepath.Join(dir, "baseline.sock")
+		ps.start(b, "kms-baseline", filepath.Join(dir, "baseline.log"), nil, baselineBinary(b), "baseline", "--listen", "unix://"+sock)
+		eventually(b, 30*time.Second, 50*time.Millisecond, "the baseline plugin listens", func() error {
+			_, err := os.Stat(sock)
+			return err
+		})
+		bt.c = startCluster(b, ps, dir, encryptionConfig(sock))
 	case "kleidi-gpg", "kleidi-tpm":
 		e := &env{provider: strings.TrimPrefix(name, "kleidi-"), ns: "e2e", dir: dir, procs: ps, want: map[string]map[string]string{}}
 		e.setup(b)
@@ -113,6 +125,34 @@ resources:
 		"token":    []byte("tok-" + randHex(b, 24)),
 	}
 	return bt
+}
+
+var (
+	baselineOnce sync.Once
+	baselinePath string
+	baselineErr  error
+)
+
+// baselineBinary builds examples/kleidi-bench (a module of its own) once per run.
+func baselineBinary(b testing.TB) string {
+	b.Helper()
+	baselineOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "kleidi-bench-bin-")
+		if err != nil {
+			baselineErr = err
+			return
+		}
+		baselinePath = filepath.Join(dir, "kleidi-bench")
+		cmd := exec.Command("go", "build", "-o", baselinePath, ".")
+		cmd.Dir = filepath.Join(repoRoot, "examples", "kleidi-bench")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			baselineErr = fmt.Errorf("go build examples/kleidi-bench: %v\n%s", err, out)
+		}
+	})
+	if baselineErr != nil {
+		b.Fatal(baselineErr)
+	}
+	return baselinePath
 }
 
 func (bt *benchTarget) create(ns, name string) error {
