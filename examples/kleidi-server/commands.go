@@ -206,6 +206,28 @@ func runRotate(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	return nil
 }
 
+func runRewrap(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var o options
+	fs := newFlagSet("rewrap", stderr)
+	o.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := o.setup(stderr); err != nil {
+		return err
+	}
+	p, env, _, err := o.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	if err := env.Rewrap(ctx); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "rewrapped every KEK for %s\nkey_id: %s\n", p.Name(), env.KeyID())
+	return nil
+}
+
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("status", stderr)
 	listen := fs.String("listen", defaultListen(), "the plugin's `socket`, as unix:///path/kms.sock")

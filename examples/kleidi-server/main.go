@@ -66,6 +66,16 @@ decrypts. Then re-encrypt: kubectl get secrets -A -o json | kubectl replace -f -
 		run:     runRotate,
 	},
 	{
+		name:    "rewrap",
+		summary: "wrap every KEK again for the current root of trust",
+		usage: `Unwrap every KEK of the keyring and wrap it again with the root of trust the flags describe, keeping every
+key_id: after adding or removing an OpenPGP recipient (--gpg-public-key), run it on a node whose private key
+unwraps the keyring. Existing ciphertexts stay readable; a running plugin needs no restart.`,
+		example: `kleidi-server rewrap --state-dir /var/lib/kleidi --gpg-private-key node-a.asc \
+      --gpg-public-key node-a.pub.asc --gpg-public-key node-b.pub.asc --gpg-public-key node-c.pub.asc`,
+		run: runRewrap,
+	},
+	{
 		name:    "status",
 		summary: "query a running plugin's Status",
 		usage: `Call Status on the plugin's socket, as kube-apiserver does, and print version, healthz and key_id.

@@ -471,3 +471,50 @@ func TestProviders(t *testing.T) {
 		}
 	})
 }
+
+// TestRewrapAddsARecipient adds a second OpenPGP recipient to a keyring: before rewrap the second node's key cannot
+// open it, after rewrap it can, and every key_id is the same.
+func TestRewrapAddsARecipient(t *testing.T) {
+	s := newSandbox(t)
+	a, err := gpg.GenerateDevelopmentKey(filepath.Join(s.dir, "node-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := gpg.GenerateDevelopmentKey(filepath.Join(s.dir, "node-b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pubA, pubB := filepath.Join(s.dir, "node-a", gpg.DevelopmentPublicKeyFile), filepath.Join(s.dir, "node-b", gpg.DevelopmentPublicKeyFile)
+	state := []string{"--state-dir", filepath.Join(s.dir, "state")}
+	asA := append([]string{"--gpg-private-key", a.PrivateKeyFile, "--gpg-public-key", pubA}, state...)
+	asB := append([]string{"--gpg-private-key", b.PrivateKeyFile, "--gpg-public-key", pubA, "--gpg-public-key", pubB}, state...)
+	for _, args := range [][]string{append([]string{"init"}, asA...), append([]string{"rotate"}, asA...)} {
+		if code, out, errOut := s.run(t, args...); code != 0 {
+			t.Fatalf("kleidi-server %s = %d, %q, %q; want 0", args[0], code, out, errOut)
+		}
+	}
+	ids := func() string {
+		records, err := kleidi.NewFileKeyring(filepath.Join(s.dir, "state", "keyring.json")).Load(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, r := range records {
+			ids = append(ids, r.ID)
+		}
+		return strings.Join(ids, ",")
+	}
+	before := ids()
+	if code, _, errOut := s.run(t, append([]string{"rotate"}, asB...)...); code == 0 || !strings.Contains(errOut, "unwrap") {
+		t.Fatalf("rotate as node B before rewrap = %d, %q; want an unwrap error", code, errOut)
+	}
+	if code, out, errOut := s.run(t, append([]string{"rewrap", "--gpg-public-key", pubB}, asA...)...); code != 0 {
+		t.Fatalf("kleidi-server rewrap = %d, %q, %q; want 0", code, out, errOut)
+	}
+	if got := ids(); got != before {
+		t.Errorf("key_ids after rewrap = %s, want %s", got, before)
+	}
+	if code, out, errOut := s.run(t, append([]string{"rotate"}, asB...)...); code != 0 {
+		t.Errorf("rotate as node B after rewrap = %d, %q, %q; want 0", code, out, errOut)
+	}
+}
