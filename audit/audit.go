@@ -72,14 +72,18 @@ type Record struct {
 
 // Logger writes audit records as JSON lines to a file or a stream. It is safe for concurrent use.
 //
-// Every record is written before [Logger.Log] returns. Records logged concurrently share one write (group
-// commit): under load the log costs one system call per batch, not per record.
+// [Logger.Log] encodes the record and hands it to a writer goroutine, which writes whatever records are pending
+// in one system call, about a millisecond later: the RPC that logs does not wait for the disk. [Logger.Flush],
+// [Logger.Reopen] and [Logger.Close] write every pending record first, so a graceful stop loses nothing; a process
+// killed with SIGKILL loses only the records of its last moments that were not yet written.
 type Logger struct {
 	mu      sync.Mutex
 	flushed *sync.Cond // signalled when a batch is written
 	path    string     // "" for a stream
 	w       io.Writer
 	logger  *slog.Logger
+	wake    chan struct{} // tells the writer goroutine there are pending records
+	closed  bool
 
 	pending  []byte            // records encoded but not yet written
 	spare    []byte            // the buffer of the last batch, reused
@@ -89,12 +93,29 @@ type Logger struct {
 	writing  bool              // a batch is being written, outside mu
 }
 
-// New returns a Logger that writes to w (for example os.Stdout).
+// batchDelay is how long a record may wait for others before it is written.
+const batchDelay = time.Millisecond
+
+// New returns a Logger that writes to w (for example os.Stdout). Close it to stop its writer goroutine.
 func New(w io.Writer) *Logger {
-	l := &Logger{w: w}
+	l := &Logger{w: w, wake: make(chan struct{}, 1)}
 	l.flushed = sync.NewCond(&l.mu)
 	l.logger = slog.New(slog.NewJSONHandler((*recordBuffer)(l), &slog.HandlerOptions{ReplaceAttr: schemaAttr}))
+	go l.writeLoop()
 	return l
+}
+
+// writeLoop writes pending records whenever Log signals, until Close. It lets records gather for batchDelay
+// first, so that under load one write carries many.
+func (l *Logger) writeLoop() {
+	for range l.wake {
+		time.Sleep(batchDelay)
+		l.mu.Lock()
+		if !l.writing && l.written < l.appended {
+			l.writeBatch()
+		}
+		l.mu.Unlock()
+	}
 }
 
 // OpenFile returns a Logger that appends to the file at path, created with mode 0600. [Logger.Reopen] opens the
@@ -117,7 +138,7 @@ func openAppend(path string) (*os.File, error) {
 	return f, nil
 }
 
-// idle waits until no batch is being written. The caller holds mu; every record logged before is written then.
+// idle writes every pending record, waiting for a batch the writer goroutine is writing. The caller holds mu.
 func (l *Logger) idle() {
 	for l.writing || l.written < l.appended {
 		if !l.writing {
@@ -128,9 +149,17 @@ func (l *Logger) idle() {
 	}
 }
 
-// Reopen closes the file and opens its path again; for a stream it does nothing.
+// Flush writes every record logged so far.
+func (l *Logger) Flush() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.idle()
+}
+
+// Reopen writes the pending records, closes the file and opens its path again; for a stream it only writes.
 func (l *Logger) Reopen() error {
 	if l.path == "" {
+		l.Flush()
 		return nil
 	}
 	f, err := openAppend(l.path)
@@ -145,14 +174,20 @@ func (l *Logger) Reopen() error {
 	return old.Close()
 }
 
-// Close closes the file of a Logger made by OpenFile.
+// Close writes the pending records, stops the writer goroutine and closes the file of a Logger made by OpenFile.
+// Records logged after Close are written by Log itself.
 func (l *Logger) Close() error {
-	if l.path == "" {
-		return nil
-	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.idle()
+	if l.closed {
+		return nil
+	}
+	l.closed = true
+	close(l.wake)
+	if l.path == "" {
+		return nil
+	}
 	return l.w.(*os.File).Close()
 }
 
@@ -190,13 +225,13 @@ func (l *Logger) Log(r Record) {
 	rec := slog.NewRecord(r.Time, slog.LevelInfo, r.Event, 0)
 	rec.AddAttrs(attrs...)
 	l.logger.Handler().Handle(context.Background(), rec) // appends the line to pending
-	mine := l.appended
-	for l.written < mine {
-		if l.writing {
-			l.flushed.Wait() // the batch being written may not hold this record; wait, then look again
-			continue
-		}
-		l.writeBatch()
+	if l.closed {
+		l.idle()
+		return
+	}
+	select {
+	case l.wake <- struct{}{}:
+	default: // the writer has a signal pending already
 	}
 }
 

@@ -26,6 +26,7 @@ func TestRecordSchema(t *testing.T) {
 		Caller: &audit.Caller{UID: 0, GID: 0, PID: 42}, KeyID: "kleidi-tpm-x", Provider: "tpm",
 		ErrorType: "InvalidArgument", Duration: 1500 * time.Microsecond,
 	})
+	l.Close()
 	var got map[string]any
 	if err := json.Unmarshal(buf.Bytes(), &got); err != nil {
 		t.Fatalf("record %q is not JSON: %v", buf.String(), err)
@@ -121,6 +122,7 @@ func TestKeyEvents(t *testing.T) {
 	if _, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithKeyEvents(l.KeyEvents(p.Name()))); err == nil {
 		t.Fatal("NewEnvelope with a failing provider err = nil")
 	}
+	l.Flush()
 	var events []string
 	for _, line := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
 		var r map[string]any

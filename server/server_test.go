@@ -387,9 +387,11 @@ func TestCallerAndAudit(t *testing.T) {
 		return h(ctx, req)
 	}
 	var audit syncBuffer
+	auditLog := kleidiaudit.New(&audit)
+	defer auditLog.Close()
 	ts := start(t, nil, nil, server.Config{
 		Interceptors: []grpc.UnaryServerInterceptor{record},
-		Audit:        kleidiaudit.New(&audit),
+		Audit:        auditLog,
 	})
 	secret := []byte("plaintext-that-must-not-be-logged")
 	if _, err := ts.client.Encrypt(callCtx(t), &kmsapi.EncryptRequest{Plaintext: secret, Uid: "audit-uid-1"}); err != nil {
@@ -403,6 +405,7 @@ func TestCallerAndAudit(t *testing.T) {
 	if c := callers[len(callers)-1]; c.UID != uint32(os.Getuid()) || c.PID != int32(os.Getpid()) {
 		t.Errorf("CallerFromContext() = %+v, want uid %d pid %d", c, os.Getuid(), os.Getpid())
 	}
+	auditLog.Flush()
 	log := audit.String()
 	for _, want := range []string{`"request_uid":"audit-uid-1"`, `"event":"kms.encrypt"`, `"outcome":"ok"`, ts.env.KeyID(),
 		fmt.Sprintf(`"caller_pid":%d`, os.Getpid())} {

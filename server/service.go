@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"log/slog"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"time"
@@ -27,6 +28,9 @@ func (s *Server) newGRPCServer() *grpc.Server {
 		grpc.ForceServerCodecV2(rawCodec{}),
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		grpc.ChainUnaryInterceptor(interceptors...),
+		// Calls run on long-lived workers rather than a new goroutine each: a fresh goroutine grows its stack on
+		// every call, which cost more CPU than the call's own work.
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)
 	gs.RegisterService(&serviceDesc, s)
 	return gs
