@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 	kmsapi "k8s.io/kms/apis/v2"
 
+	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/internal/socket"
 	"github.com/kleidi-kms/kleidi/metrics"
@@ -182,9 +183,11 @@ func runInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	return nil
 }
 
-func runRotate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+// keyringCommand parses the shared flags of a command that changes an initialised keyring, opens the root of trust
+// and the Envelope, and runs change on them.
+func keyringCommand(ctx context.Context, name string, args []string, stderr io.Writer, change func(kleidi.Provider, *kleidi.Envelope) error) error {
 	var o options
-	fs := newFlagSet("rotate", stderr)
+	fs := newFlagSet(name, stderr)
 	o.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -197,35 +200,29 @@ func runRotate(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer p.Close()
-	old := env.KeyID()
-	id, err := env.Rotate(ctx)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(stdout, "key_id: %s\nprevious_key_id: %s\n", id, old)
-	return nil
+	return change(p, env)
+}
+
+func runRotate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	return keyringCommand(ctx, "rotate", args, stderr, func(_ kleidi.Provider, env *kleidi.Envelope) error {
+		old := env.KeyID()
+		id, err := env.Rotate(ctx)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "key_id: %s\nprevious_key_id: %s\n", id, old)
+		return nil
+	})
 }
 
 func runRewrap(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var o options
-	fs := newFlagSet("rewrap", stderr)
-	o.register(fs)
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if err := o.setup(stderr); err != nil {
-		return err
-	}
-	p, env, _, err := o.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer p.Close()
-	if err := env.Rewrap(ctx); err != nil {
-		return err
-	}
-	fmt.Fprintf(stdout, "rewrapped every KEK for %s\nkey_id: %s\n", p.Name(), env.KeyID())
-	return nil
+	return keyringCommand(ctx, "rewrap", args, stderr, func(p kleidi.Provider, env *kleidi.Envelope) error {
+		if err := env.Rewrap(ctx); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "rewrapped every KEK for %s\nkey_id: %s\n", p.Name(), env.KeyID())
+		return nil
+	})
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
