@@ -100,7 +100,7 @@ const batchDelay = time.Millisecond
 func New(w io.Writer) *Logger {
 	l := &Logger{w: w, wake: make(chan struct{}, 1)}
 	l.flushed = sync.NewCond(&l.mu)
-	l.logger = slog.New(slog.NewJSONHandler((*recordBuffer)(l), &slog.HandlerOptions{ReplaceAttr: schemaAttr}))
+	l.logger = slog.New(&recordHandler{w: (*recordBuffer)(l)})
 	go l.writeLoop()
 	return l
 }
@@ -260,17 +260,6 @@ func (l *Logger) KeyEvents(provider string) func(kleidi.KeyEvent) {
 		}
 		l.Log(r)
 	}
-}
-
-// schemaAttr drops slog's level and names its message "event".
-func schemaAttr(groups []string, a slog.Attr) slog.Attr {
-	switch a.Key {
-	case slog.LevelKey:
-		return slog.Attr{}
-	case slog.MessageKey:
-		a.Key = "event"
-	}
-	return a
 }
 
 // recordBuffer is where the JSON handler writes: each record arrives as one Write (slog writes a record at once)
