@@ -200,14 +200,7 @@ func TestHotPathMakesNoProviderCalls(t *testing.T) {
 }
 
 func TestConcurrentFirstDecryptsShareOneUnwrap(t *testing.T) {
-	p := kleiditest.NewInsecureProvider()
-	ring := kleidi.NewMemoryKeyring()
-	old := newEnvelope(t, p, ring)
-	c := reparse(t, encrypt(t, old, "retired", ""))
-	if _, err := old.Rotate(ctx); err != nil {
-		t.Fatal(err)
-	}
-	e := newEnvelope(t, p, ring) // unwraps only the active key
+	p, e, c := retiredKeyCiphertext(t, "retired")
 	before := p.Calls(kleiditest.OpUnwrap)
 	p.SetLatency(50 * time.Millisecond)
 	const n = 32
@@ -236,15 +229,22 @@ func TestConcurrentFirstDecryptsShareOneUnwrap(t *testing.T) {
 	}
 }
 
-func TestProviderErrorsAreNotCached(t *testing.T) {
+// retiredKeyCiphertext returns a provider, a fresh Envelope over a rotated keyring (only its active KEK unwrapped)
+// and a ciphertext of plaintext under the retired KEK: its first Decrypt needs one Unwrap.
+func retiredKeyCiphertext(t *testing.T, plaintext string) (*kleiditest.Provider, *kleidi.Envelope, *kleidi.Ciphertext) {
+	t.Helper()
 	p := kleiditest.NewInsecureProvider()
 	ring := kleidi.NewMemoryKeyring()
 	old := newEnvelope(t, p, ring)
-	c := reparse(t, encrypt(t, old, "x", ""))
+	c := reparse(t, encrypt(t, old, plaintext, ""))
 	if _, err := old.Rotate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e := newEnvelope(t, p, ring)
+	return p, newEnvelope(t, p, ring), c
+}
+
+func TestProviderErrorsAreNotCached(t *testing.T) {
+	p, e, c := retiredKeyCiphertext(t, "x")
 	p.SetError(kleiditest.OpUnwrap, kleidi.ErrUnavailable)
 	if _, err := e.Decrypt(ctx, c, nil); !errors.Is(err, kleidi.ErrUnavailable) {
 		t.Errorf("e.Decrypt(c) with the root down err = %v, want kleidi.ErrUnavailable", err)
@@ -256,14 +256,7 @@ func TestProviderErrorsAreNotCached(t *testing.T) {
 }
 
 func TestDecryptCancelled(t *testing.T) {
-	p := kleiditest.NewInsecureProvider()
-	ring := kleidi.NewMemoryKeyring()
-	old := newEnvelope(t, p, ring)
-	c := reparse(t, encrypt(t, old, "x", ""))
-	if _, err := old.Rotate(ctx); err != nil {
-		t.Fatal(err)
-	}
-	e := newEnvelope(t, p, ring)
+	p, e, c := retiredKeyCiphertext(t, "x")
 	p.SetLatency(time.Minute)
 	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
 	defer cancel()

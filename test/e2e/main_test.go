@@ -39,9 +39,8 @@ var repoRoot = func() string {
 func TestMain(m *testing.M) {
 	start := time.Now()
 	code := m.Run()
-	if ksPath != "" {
-		os.RemoveAll(filepath.Dir(ksPath))
-	}
+	kleidiServerBinary.remove()
+	kleidiBenchBinary.remove()
 	fmt.Printf("e2e suite wall time: %s\n", time.Since(start).Round(time.Millisecond))
 	os.Exit(code)
 }
@@ -88,41 +87,57 @@ func kubeAPIServer(t testing.TB) string {
 	return kasPath
 }
 
+// goBinary is a program of this repository, built once per run into a directory every uid can read (the plugin
+// runs as a non-root uid).
+type goBinary struct {
+	name, moduleDir, pkg string // moduleDir is relative to the repository root
+	once                 sync.Once
+	path                 string
+	err                  error
+}
+
 var (
-	ksOnce sync.Once
-	ksPath string
-	ksErr  error
+	kleidiServerBinary = &goBinary{name: "kleidi-server", moduleDir: ".", pkg: "./examples/kleidi-server"}
+	kleidiBenchBinary  = &goBinary{name: "kleidi-bench", moduleDir: "examples/kleidi-bench", pkg: "."}
 )
 
-// kleidiServer builds examples/kleidi-server from this checkout once per run
-// into a directory every uid can read, since the plugin runs as a non-root uid.
-func kleidiServer(t testing.TB) string {
+// build returns the binary's path, building it on first use.
+func (g *goBinary) build(t testing.TB) string {
 	t.Helper()
-	ksOnce.Do(func() {
+	g.once.Do(func() {
 		start := time.Now()
 		dir, err := os.MkdirTemp("", "kleidi-e2e-bin-")
+		if err == nil {
+			err = os.Chmod(dir, 0o755)
+		}
 		if err != nil {
-			ksErr = err
+			g.err = err
 			return
 		}
-		if err := os.Chmod(dir, 0o755); err != nil {
-			ksErr = err
-			return
-		}
-		ksPath = filepath.Join(dir, "kleidi-server")
-		cmd := exec.Command("go", "build", "-o", ksPath, "./examples/kleidi-server")
-		cmd.Dir = repoRoot
+		g.path = filepath.Join(dir, g.name)
+		cmd := exec.Command("go", "build", "-o", g.path, g.pkg)
+		cmd.Dir = filepath.Join(repoRoot, g.moduleDir)
 		if out, err := cmd.CombinedOutput(); err != nil {
-			ksErr = fmt.Errorf("go build ./examples/kleidi-server: %v\n%s", err, out)
+			g.err = fmt.Errorf("go build %s: %v\n%s", g.name, err, out)
 			return
 		}
-		t.Logf("built kleidi-server in %s", time.Since(start).Round(time.Millisecond))
+		t.Logf("built %s in %s", g.name, time.Since(start).Round(time.Millisecond))
 	})
-	if ksErr != nil {
-		t.Fatal(ksErr)
+	if g.err != nil {
+		t.Fatal(g.err)
 	}
-	return ksPath
+	return g.path
 }
+
+// remove deletes the binary's directory, if it was built.
+func (g *goBinary) remove() {
+	if g.path != "" {
+		os.RemoveAll(filepath.Dir(g.path))
+	}
+}
+
+// kleidiServer returns kleidi-server built from this checkout.
+func kleidiServer(t testing.TB) string { return kleidiServerBinary.build(t) }
 
 // workDir makes a short temporary directory (unix socket paths are limited to
 // 108 bytes) that any uid may traverse but not list, removed at the end of the test.

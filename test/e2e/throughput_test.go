@@ -9,7 +9,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -93,7 +92,7 @@ resources:
 `)
 	case "kms-baseline":
 		sock := filepath.Join(dir, "baseline.sock")
-		ps.start(b, "kms-baseline", filepath.Join(dir, "baseline.log"), nil, baselineBinary(b), "baseline", "--listen", "unix://"+sock)
+		ps.start(b, "kms-baseline", filepath.Join(dir, "baseline.log"), nil, kleidiBenchBinary.build(b), "baseline", "--listen", "unix://"+sock)
 		eventually(b, 30*time.Second, 50*time.Millisecond, "the baseline plugin listens", func() error {
 			_, err := os.Stat(sock)
 			return err
@@ -125,34 +124,6 @@ resources:
 		"token":    []byte("tok-" + randHex(b, 24)),
 	}
 	return bt
-}
-
-var (
-	baselineOnce sync.Once
-	baselinePath string
-	baselineErr  error
-)
-
-// baselineBinary builds examples/kleidi-bench (a module of its own) once per run.
-func baselineBinary(b testing.TB) string {
-	b.Helper()
-	baselineOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "kleidi-bench-bin-")
-		if err != nil {
-			baselineErr = err
-			return
-		}
-		baselinePath = filepath.Join(dir, "kleidi-bench")
-		cmd := exec.Command("go", "build", "-o", baselinePath, ".")
-		cmd.Dir = filepath.Join(repoRoot, "examples", "kleidi-bench")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			baselineErr = fmt.Errorf("go build examples/kleidi-bench: %v\n%s", err, out)
-		}
-	})
-	if baselineErr != nil {
-		b.Fatal(baselineErr)
-	}
-	return baselinePath
 }
 
 func (bt *benchTarget) create(ns, name string) error {
