@@ -43,7 +43,7 @@ func BenchmarkFloor(b *testing.B) {
 // BenchmarkEnvelope is the hot path: Encrypt; Decrypt of a parsed ciphertext; and ParseAndDecrypt, what a reader of
 // stored bytes pays (ParseCiphertext copies and checks the bytes, then Decrypt).
 func BenchmarkEnvelope(b *testing.B) {
-	e, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring())
+	e, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		b.Fatal(err)
 	}

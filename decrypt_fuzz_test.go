@@ -12,7 +12,7 @@ import (
 // succeed for what the Envelope encrypted.
 func FuzzDecrypt(f *testing.F) {
 	p := kleiditest.NewInsecureProvider()
-	e, err := kleidi.NewEnvelope(ctx, p, kleidi.NewMemoryKeyring())
+	e, err := kleidi.NewEnvelope(ctx, p, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -21,6 +21,7 @@ type Envelope struct {
 	provider      Provider
 	ring          Keyring
 	unwrapTimeout time.Duration
+	createIfEmpty bool
 
 	active  atomic.Pointer[activeKey]
 	keys    atomic.Pointer[map[string]*kek]      // unwrapped KEKs, copy on write
@@ -57,6 +58,16 @@ func WithUnwrapTimeout(d time.Duration) Option {
 	}
 }
 
+// WithCreateIfEmpty lets [NewEnvelope] start a keyring that holds no key: it generates a first KEK, wraps it and
+// stores it. Without it, an empty keyring is an error wrapping [ErrInvalidKeyring], so that a keyring that was
+// expected but is missing (a state volume that did not mount) is never silently replaced by a new one.
+func WithCreateIfEmpty() Option {
+	return func(e *Envelope) error {
+		e.createIfEmpty = true
+		return nil
+	}
+}
+
 // KeyEvent describes a key operation of an [Envelope], for audit logs. It holds no key material.
 type KeyEvent struct {
 	// Op is "unwrap" (a KEK unwrapped through the provider), "rotate" (a new active KEK created by this
@@ -88,8 +99,9 @@ func (e *Envelope) keyEvent(op, id string, changed bool, err error, start time.T
 	}
 }
 
-// NewEnvelope loads ring and unwraps its active KEK through p. If ring is empty, it generates a first KEK,
-// wraps it with p and stores it. It does not close p; the caller does, after it is done with the Envelope.
+// NewEnvelope loads ring and unwraps its active KEK through p. An empty ring is an error unless the option
+// [WithCreateIfEmpty] is given; then a first KEK is generated, wrapped with p and stored. NewEnvelope does not
+// close p; the caller does, after it is done with the Envelope.
 func NewEnvelope(ctx context.Context, p Provider, ring Keyring, opts ...Option) (*Envelope, error) {
 	if p == nil || ring == nil {
 		return nil, errors.New("kleidi: NewEnvelope needs a provider and a keyring")
@@ -110,6 +122,9 @@ func NewEnvelope(ctx context.Context, p Provider, ring Keyring, opts ...Option) 
 		return nil, fmt.Errorf("kleidi: load keyring: %w", err)
 	}
 	if len(records) == 0 {
+		if !e.createIfEmpty {
+			return nil, fmt.Errorf("kleidi: %w: it holds no key (pass WithCreateIfEmpty to start a new one)", ErrInvalidKeyring)
+		}
 		if _, err := e.Rotate(ctx); err != nil {
 			return nil, err
 		}

@@ -20,7 +20,7 @@ var ctx = context.Background()
 
 func newEnvelope(t *testing.T, p kleidi.Provider, ring kleidi.Keyring) *kleidi.Envelope {
 	t.Helper()
-	e, err := kleidi.NewEnvelope(ctx, p, ring)
+	e, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
 	}
@@ -316,7 +316,7 @@ func TestKeyEvents(t *testing.T) {
 		defer mu.Unlock()
 		events = append(events, ev)
 	})
-	e, err := kleidi.NewEnvelope(ctx, p, ring, record)
+	e, err := kleidi.NewEnvelope(ctx, p, ring, record, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,7 +18,7 @@ func Example() {
 	provider := kleiditest.NewInsecureProvider()
 	defer provider.Close()
 
-	envelope, err := kleidi.NewEnvelope(ctx, provider, kleidi.NewMemoryKeyring())
+	envelope, err := kleidi.NewEnvelope(ctx, provider, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -43,7 +43,7 @@ func ExampleEnvelope_Rotate() {
 	provider := kleiditest.NewInsecureProvider()
 	ring := kleidi.NewFileKeyring(filepath.Join(dir, "keyring.json"))
 
-	envelope, err := kleidi.NewEnvelope(ctx, provider, ring)
+	envelope, err := kleidi.NewEnvelope(ctx, provider, ring, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -73,11 +73,11 @@ func ExampleEnvelope_Rotate() {
 func ExampleCiphertext_WrappedKey() {
 	ctx := context.Background()
 	provider := kleiditest.NewInsecureProvider()
-	writer, _ := kleidi.NewEnvelope(ctx, provider, kleidi.NewMemoryKeyring())
+	writer, _ := kleidi.NewEnvelope(ctx, provider, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	c, _ := writer.Encrypt(ctx, []byte("self-contained"), nil)
 	data, wrapped := c.Bytes(), c.WrappedKey // store both
 
-	reader, _ := kleidi.NewEnvelope(ctx, provider, kleidi.NewMemoryKeyring()) // an empty keyring
+	reader, _ := kleidi.NewEnvelope(ctx, provider, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty()) // an empty keyring
 	stored, _ := kleidi.ParseCiphertext(data)
 	stored.WrappedKey = wrapped
 	plaintext, err := reader.Decrypt(ctx, stored, nil)

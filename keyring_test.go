@@ -132,7 +132,7 @@ func TestHelperRotate(t *testing.T) {
 	if path == "" {
 		return // not a child: nothing to do
 	}
-	e, err := kleidi.NewEnvelope(ctx, sharedRoot(), kleidi.NewFileKeyring(path))
+	e, err := kleidi.NewEnvelope(ctx, sharedRoot(), kleidi.NewFileKeyring(path), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -34,6 +34,9 @@ var (
 	ErrUnknownKey = errors.New("kleidi: unknown key")
 	// ErrKeyMismatch means a wrapped key unwrapped to a key whose identity is not the key ID it claimed.
 	ErrKeyMismatch = errors.New("kleidi: key does not match its key ID")
+	// ErrUnauthenticated means a wrapped key carries no valid proof that a legitimate holder of the root of trust
+	// made it (see [Authenticator]): it was forged, or made by another root.
+	ErrUnauthenticated = errors.New("kleidi: wrapped key not authenticated")
 	// ErrUnwrap means the provider refused to unwrap a key: it was wrapped by another root of trust,
 	// tampered with, or the root's policy (a PCR, a passphrase) no longer allows it.
 	ErrUnwrap = errors.New("kleidi: unwrap refused")
@@ -43,12 +46,12 @@ var (
 	ErrInvalidKeyring = errors.New("kleidi: invalid keyring")
 	// ErrTooLarge means an input exceeds a limit of this package.
 	ErrTooLarge = errors.New("kleidi: input too large")
-	// ErrClosed means the provider was closed.
-	ErrClosed = errors.New("kleidi: provider closed")
+	// ErrClosed means the provider or the Envelope was closed.
+	ErrClosed = errors.New("kleidi: closed")
 )
 
 // ErrorKind names the class of err for audit records and metric labels, from a small fixed set: "ok" (nil),
-// "invalid_ciphertext", "decrypt_failed", "unknown_key", "key_mismatch", "unwrap_refused", "unavailable",
+// "invalid_ciphertext", "decrypt_failed", "unknown_key", "key_mismatch", "unauthenticated", "unwrap_refused", "unavailable",
 // "invalid_keyring", "too_large", "closed", "canceled", "deadline_exceeded" or "error". It never returns the
 // error's message.
 func ErrorKind(err error) string {
@@ -71,6 +74,7 @@ var errorKinds = []struct {
 	{ErrDecrypt, "decrypt_failed"},
 	{ErrUnknownKey, "unknown_key"},
 	{ErrKeyMismatch, "key_mismatch"},
+	{ErrUnauthenticated, "unauthenticated"},
 	{ErrUnwrap, "unwrap_refused"},
 	{ErrUnavailable, "unavailable"},
 	{ErrInvalidKeyring, "invalid_keyring"},

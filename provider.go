@@ -42,3 +42,25 @@ func CheckProviderName(name string) error {
 	}
 	return nil
 }
+
+// Authenticator is the capability of a [Provider] to prove that a wrapped KEK was made by a legitimate holder of
+// its root of trust, and to check such a proof. The [Envelope] proves every wrapped copy it makes and, before it
+// asks the root to unwrap a copy that arrived from outside (a ciphertext's attached key, a keyring entry), checks
+// its proof, so that a party that knows every public key of the root, and can write etcd, still cannot make the
+// Envelope accept a KEK it chose: it cannot make a proof.
+//
+// A provider that is not an Authenticator works with keyring entries only: [Envelope.Decrypt] then never unwraps
+// an attached key.
+type Authenticator interface {
+	// Prove returns a proof over message that only a legitimate holder of the root of trust can make: a holder of
+	// the private key, of the TPM under its configured policy. It may call the root of trust.
+	Prove(ctx context.Context, message []byte) ([]byte, error)
+	// Verify returns nil if proof is a proof over message made by a legitimate holder of this root of trust, and
+	// otherwise an error wrapping [ErrUnauthenticated] (or [ErrUnavailable] when the root cannot be reached to
+	// learn what it needs). It must be cheap: after its first call it never calls the root of trust, since it runs
+	// on bytes an attacker sends, before any unwrap.
+	Verify(ctx context.Context, message, proof []byte) error
+}
+
+// MaxProofSize is the largest proof an [Authenticator] may return.
+const MaxProofSize = 2048

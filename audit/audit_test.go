@@ -100,7 +100,7 @@ func TestKeyEvents(t *testing.T) {
 	ctx := context.Background()
 	p := kleiditest.NewInsecureProvider()
 	ring := kleidi.NewMemoryKeyring()
-	e, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithKeyEvents(l.KeyEvents(p.Name())))
+	e, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithKeyEvents(l.KeyEvents(p.Name())), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}

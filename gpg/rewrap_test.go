@@ -20,7 +20,7 @@ func TestAddRecipient(t *testing.T) {
 
 	// Node 1, recipient key 1: encrypt, rotate, encrypt again, so the keyring has a retired and an active KEK.
 	p1 := newProvider(t, gpg.Config{PrivateKeyFile: k1.priv})
-	env1, err := kleidi.NewEnvelope(ctx, p1, ring)
+	env1, err := kleidi.NewEnvelope(ctx, p1, ring, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatalf("kleidi.NewEnvelope(ctx, p1, ring) err = %v, want nil", err)
 	}

@@ -49,7 +49,7 @@ func TestMetrics(t *testing.T) {
 	raw := kleiditest.NewInsecureProvider()
 	p := m.Provider(raw)
 	ring := kleidi.NewMemoryKeyring()
-	e, err := kleidi.NewEnvelope(ctx, p, ring)
+	e, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}

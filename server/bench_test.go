@@ -115,7 +115,7 @@ func startBench(tb testing.TB, withMetrics, withAudit bool) kmsapi.KeyManagement
 		cfg.Audit = l
 		opts = append(opts, kleidi.WithKeyEvents(l.KeyEvents(p.Name())))
 	}
-	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewMemoryKeyring(), opts...)
+	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewMemoryKeyring(), append(opts, kleidi.WithCreateIfEmpty())...)
 	if err != nil {
 		tb.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
 	}

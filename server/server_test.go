@@ -62,7 +62,7 @@ func start(t *testing.T, p *kleiditest.Provider, ring kleidi.Keyring, cfg server
 	if ring == nil {
 		ring = kleidi.NewMemoryKeyring()
 	}
-	env, err := kleidi.NewEnvelope(ctx, p, ring)
+	env, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
 	}
@@ -543,7 +543,7 @@ func TestConcurrentLoad(t *testing.T) {
 
 func TestHandler(t *testing.T) {
 	p := kleiditest.NewInsecureProvider()
-	env, err := kleidi.NewEnvelope(context.Background(), p, kleidi.NewMemoryKeyring())
+	env, err := kleidi.NewEnvelope(context.Background(), p, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -86,7 +86,7 @@ func TestCode(t *testing.T) {
 func FuzzDecryptRequest(f *testing.F) {
 	ctx := context.Background()
 	p := kleiditest.NewInsecureProvider()
-	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewMemoryKeyring())
+	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		f.Fatal(err)
 	}

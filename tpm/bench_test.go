@@ -78,7 +78,7 @@ func benchmarkProvider(b *testing.B, open opener, perOp bool) {
 func benchmarkFirstDecrypt(b *testing.B, p kleidi.Provider) {
 	ctx := context.Background()
 	ring := kleidi.NewMemoryKeyring()
-	e, err := kleidi.NewEnvelope(ctx, p, ring)
+	e, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		b.Fatal(err)
 	}

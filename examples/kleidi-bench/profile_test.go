@@ -95,7 +95,7 @@ func startBenchPlugin(b *testing.B, plugin string) string {
 			b.Fatalf("gpg.New() err = %v, want nil", err)
 		}
 		b.Cleanup(func() { p.Close() })
-		env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(filepath.Join(dir, "keyring.json")))
+		env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(filepath.Join(dir, "keyring.json")), kleidi.WithCreateIfEmpty())
 		if err != nil {
 			b.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
 		}

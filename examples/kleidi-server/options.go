@@ -117,6 +117,9 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 		return nil, nil, false, err
 	}
 	var opts []kleidi.Option
+	if o.createKeyring {
+		opts = append(opts, kleidi.WithCreateIfEmpty())
+	}
 	if o.metrics != nil {
 		p = o.metrics.Provider(p)
 	}

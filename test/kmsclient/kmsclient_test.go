@@ -36,7 +36,7 @@ type plugin struct {
 func startPlugin(t *testing.T, p kleidi.Provider, ring kleidi.Keyring, cfg server.Config) *plugin {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	env, err := kleidi.NewEnvelope(ctx, p, ring)
+	env, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatalf("kleidi.NewEnvelope() err = %v", err)
 	}
@@ -103,7 +103,7 @@ func TestMalformedRequests(t *testing.T) {
 	wrapped := ann[server.WrappedKeyAnnotation]
 
 	// A ciphertext under a KEK of the same root that this plugin's keyring lacks (another node's keyring).
-	sibling, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProviderWithRoot(root), kleidi.NewMemoryKeyring())
+	sibling, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProviderWithRoot(root), kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +112,7 @@ func TestMalformedRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A wrapped KEK of another root of trust.
-	foreign, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring())
+	foreign, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}
