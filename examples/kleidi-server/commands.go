@@ -3,16 +3,13 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -91,50 +88,6 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	lifecycle(o.audit, audit.EventStart, env.KeyID(), p.Name())
 	defer func() { lifecycle(o.audit, audit.EventStop, env.KeyID(), p.Name()) }()
 	return srv.ListenAndServe(ctx, *listen)
-}
-
-// openAudit opens the audit log: a file, or standard output for "-".
-func openAudit(path string, stdout io.Writer) (*audit.Logger, error) {
-	if path == "-" {
-		return audit.New(stdout), nil
-	}
-	l, err := audit.OpenFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("--audit-log: %w", err)
-	}
-	return l, nil
-}
-
-// reopenOnSIGHUP reopens the audit log file on SIGHUP, for logrotate, until the returned function is called.
-func reopenOnSIGHUP(l *audit.Logger, log *slog.Logger) (stop func()) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	done := make(chan struct{})
-	go func() {
-		for {
-			select {
-			case <-hup:
-				if err := l.Reopen(); err != nil {
-					log.Error("reopening the audit log", "error", err)
-				} else {
-					log.Info("reopened the audit log")
-				}
-			case <-done:
-				return
-			}
-		}
-	}()
-	return func() {
-		signal.Stop(hup)
-		close(done)
-	}
-}
-
-// lifecycle writes a plugin.start or plugin.stop record to the audit log, if there is one.
-func lifecycle(l *audit.Logger, event, keyID, provider string) {
-	if l != nil {
-		l.Log(audit.Record{Event: event, KeyID: keyID, Provider: provider})
-	}
 }
 
 // serveHTTP serves h on addr until the returned function is called.
@@ -278,33 +231,5 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		fmt.Fprintf(stderr, "kleidi-server status: unhealthy: %s\n", st.Healthz)
 		return errUnhealthy
 	}
-	return nil
-}
-
-func runVerifyAudit(_ context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("verify-audit", stderr)
-	if err := fs.Parse(args); err != nil { // no flags of its own; the arguments are files
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return errUsage
-	}
-	if fs.NArg() == 0 {
-		return errors.New("name the audit log files to check, oldest first")
-	}
-	var readers []io.Reader
-	for _, name := range fs.Args() {
-		f, err := os.Open(name)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		readers = append(readers, f)
-	}
-	n, err := audit.Verify(io.MultiReader(readers...))
-	if err != nil {
-		return fmt.Errorf("%d records intact, then: %w", n, err)
-	}
-	fmt.Fprintf(stdout, "%d records, hash chain intact\n", n)
 	return nil
 }
