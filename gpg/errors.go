@@ -6,8 +6,9 @@ import (
 )
 
 // Errors returned by [New] and [GenerateDevelopmentKey] wrap one of these, with the file, the key and the
-// problem for context; compare with [errors.Is]. Errors of Wrap, Unwrap and Health wrap the sentinel errors of
-// package kleidi instead (kleidi.ErrUnwrap, kleidi.ErrClosed), and ErrNoPrivateKey where it applies.
+// problem for context; compare with [errors.Is]. Errors of Wrap, Unwrap, Health, Prove and Verify wrap the sentinel
+// errors of package kleidi instead (kleidi.ErrUnwrap, kleidi.ErrUnauthenticated, kleidi.ErrClosed), and
+// ErrNoPrivateKey, ErrNoSigningKey or ErrRecipientRemoved where it applies.
 var (
 	// ErrInvalidKey means a file holds no OpenPGP key this package can read (garbage, a truncated file, an
 	// unsupported or weak algorithm, a key without a valid self-signature), or Config is inconsistent.
@@ -25,8 +26,18 @@ var (
 	ErrPassphraseRequired = errors.New("gpg: passphrase required")
 	// ErrWrongPassphrase means the passphrase does not decrypt the private key.
 	ErrWrongPassphrase = errors.New("gpg: wrong passphrase")
-	// ErrNoPrivateKey means the provider was made without Config.PrivateKeyFile: it wraps but cannot unwrap.
+	// ErrNoPrivateKey means the provider was made without Config.PrivateKeyFile: it wraps but cannot unwrap,
+	// and cannot prove (see [Provider.Prove]).
 	ErrNoPrivateKey = errors.New("gpg: no private key configured")
+	// ErrNoSigningKey means the private key has no valid key or subkey that may sign whose private part is
+	// here (a certify-only primary key without a signing subkey, or a signing key exported as a stub), so
+	// [Provider.Prove] cannot make a proof. Add a signing subkey (gpg --quick-add-key FPR ed25519 sign) and
+	// export the private key again.
+	ErrNoSigningKey = errors.New("gpg: no signing key")
+	// ErrRecipientRemoved means a wrapped key is encrypted to a key that the provider's configuration no longer
+	// names (see [Provider.CheckRecipients]): its holder can still unwrap that copy, and every ciphertext that
+	// carries it.
+	ErrRecipientRemoved = errors.New("gpg: recipient removed")
 )
 
 // keyError is an error about one key file. Its message names the file, the key and the problem, and leaves out

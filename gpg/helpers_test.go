@@ -32,13 +32,16 @@ type keyOptions struct {
 	lifetime     time.Duration // key expiration after creation; zero is never
 	revoked      bool          // add a revocation signature
 	noEncryption bool          // drop the encryption subkey: a signing-only key
+	signing      bool          // add a signing subkey
+	revokeSigner bool          // add a signing subkey and revoke it
 	armored      bool          // write ASCII armor instead of binary
 }
 
 // testKey is a key pair on disk.
 type testKey struct {
-	pub, priv string // file paths
-	fpr       string // fingerprint of the primary key, upper-case hex
+	pub, priv string     // file paths
+	fpr       string     // fingerprint of the primary key, upper-case hex
+	entity    *v2.Entity // the key in memory, with its private keys (protected if o.passphrase is set)
 }
 
 // newTestKey makes a key with go-crypto and writes it to files in a new temporary directory.
@@ -64,6 +67,16 @@ func newTestKey(t testing.TB, o keyOptions) testKey {
 	if o.noEncryption {
 		e.Subkeys = nil
 	}
+	if o.signing || o.revokeSigner {
+		if err := e.AddSigningSubkey(config); err != nil {
+			t.Fatalf("e.AddSigningSubkey() err = %v, want nil", err)
+		}
+	}
+	if o.revokeSigner {
+		if err := e.Subkeys[len(e.Subkeys)-1].Revoke(packet.KeyCompromised, "", config); err != nil {
+			t.Fatalf("subkey.Revoke() err = %v, want nil", err)
+		}
+	}
 	if o.revoked {
 		if err := e.Revoke(packet.NoReason, "", config); err != nil {
 			t.Fatalf("e.Revoke() err = %v, want nil", err)
@@ -78,7 +91,7 @@ func newTestKey(t testing.TB, o keyOptions) testKey {
 	}
 	serialize(t, &priv, v2.PrivateKeyType, o.armored, func(w io.Writer) error { return e.SerializePrivateWithoutSigning(w, config) })
 	dir := t.TempDir()
-	k := testKey{pub: filepath.Join(dir, "key.pub"), priv: filepath.Join(dir, "key.sec"), fpr: fmt.Sprintf("%X", e.PrimaryKey.Fingerprint)}
+	k := testKey{pub: filepath.Join(dir, "key.pub"), priv: filepath.Join(dir, "key.sec"), fpr: fmt.Sprintf("%X", e.PrimaryKey.Fingerprint), entity: e}
 	writeFile(t, k.pub, pub.Bytes())
 	writeFile(t, k.priv, priv.Bytes())
 	return k
@@ -134,7 +147,11 @@ func randomKey(t testing.TB) []byte {
 type gnupgKeys struct {
 	home       string
 	passphrase string // file holding the passphrase of the protected export
-	rsa, cv    gnupgKey
+	// rsa is an RSA 3072 certify-only primary key with an encryption and a signing subkey; cv an Ed25519
+	// primary key that signs, with a Curve25519 encryption subkey; noSign an Ed25519 certify-only primary
+	// key with only a Curve25519 encryption subkey: it cannot sign.
+	rsa, cv, noSign gnupgKey
+	cvStub          string // gpg --export-secret-subkeys of cv: the primary (signing) key is a stub
 }
 
 type gnupgKey struct {
@@ -188,13 +205,29 @@ func makeGnuPGKeys() (*gnupgKeys, error) {
 	if g.rsa.fpr, err = g.fingerprint("rsa@kleidi.test"); err != nil {
 		return nil, err
 	}
+	if _, err := g.run(nil, append(empty, "--quick-gen-key", "kleidi nosign <nosign@kleidi.test>", "ed25519", "cert", "never")...); err != nil {
+		return nil, err
+	}
 	if g.cv.fpr, err = g.fingerprint("curve@kleidi.test"); err != nil {
 		return nil, err
 	}
-	if _, err := g.run(nil, append(empty, "--quick-add-key", g.rsa.fpr, "rsa3072", "encr", "never")...); err != nil {
+	if g.noSign.fpr, err = g.fingerprint("nosign@kleidi.test"); err != nil {
 		return nil, err
 	}
-	for _, k := range []*gnupgKey{&g.rsa, &g.cv} {
+	for _, args := range [][]string{
+		{"--quick-add-key", g.rsa.fpr, "rsa3072", "encr", "never"},
+		{"--quick-add-key", g.rsa.fpr, "rsa3072", "sign", "never"},
+		{"--quick-add-key", g.noSign.fpr, "cv25519", "encr", "never"},
+	} {
+		if _, err := g.run(nil, append(empty, args...)...); err != nil {
+			return nil, err
+		}
+	}
+	g.cvStub = filepath.Join(home, "curve-stub.sec.gpg")
+	if _, err := g.run(nil, append(empty, "--output", g.cvStub, "--export-secret-subkeys", g.cv.fpr)...); err != nil {
+		return nil, err
+	}
+	for _, k := range []*gnupgKey{&g.rsa, &g.cv, &g.noSign} {
 		name := k.fpr[len(k.fpr)-8:]
 		k.pubBinary = filepath.Join(home, name+".pub.gpg")
 		k.pubArmored = filepath.Join(home, name+".pub.asc")

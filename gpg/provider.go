@@ -9,6 +9,7 @@ import (
 	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	pgperrors "github.com/ProtonMail/go-crypto/openpgp/errors"
@@ -39,17 +40,26 @@ type Config struct {
 }
 
 // Provider is a [kleidi.Provider] whose root of trust is an OpenPGP key: Wrap encrypts a key to one or more
-// OpenPGP public keys, Unwrap decrypts it with a private key. It is safe for concurrent use.
+// OpenPGP public keys, Unwrap decrypts it with a private key. It is also a [kleidi.Authenticator]: Prove signs
+// with the private key, and Verify accepts signatures of the private key and of every recipient. It is safe
+// for concurrent use.
 type Provider struct {
 	recipients  []*v2.Entity
 	fingerprint []string
 
+	// Fixed by New and never changed, so that Verify and CheckRecipients need no lock.
+	verifiers    []verifier      // the keys that may sign a proof: every valid signing key of every recipient
+	recipientIDs map[string]bool // every key ID and fingerprint of every recipient, as parseMessage names them
+
 	mu      sync.Mutex // serialises go-crypto calls, which cache signature checks in the keys, and Close
 	private v2.EntityList
-	closed  bool
+	closed  atomic.Bool // set under mu; read without it by Verify and CheckRecipients
 }
 
-var _ kleidi.Provider = (*Provider)(nil)
+var (
+	_ kleidi.Provider      = (*Provider)(nil)
+	_ kleidi.Authenticator = (*Provider)(nil)
+)
 
 // maxDecompressed bounds what a compressed message (gpg compresses by default) may expand to.
 var maxDecompressed int64 = MaxKeySize + 1
@@ -141,6 +151,9 @@ func New(c Config) (*Provider, error) {
 		}
 	}
 
+	p.verifiers = signingKeys(append(append([]*v2.Entity(nil), p.private...), p.recipients...), now)
+	p.recipientIDs = recipientIDs(p.recipients)
+
 	// Wrap a key once, so that a recipient go-crypto cannot encrypt to, or too many recipients for
 	// kleidi.MaxWrappedKeySize, fail here rather than at the first rotation.
 	probe := make([]byte, kleidi.KeySize)
@@ -173,7 +186,7 @@ func (p *Provider) Wrap(ctx context.Context, key []byte) ([]byte, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed {
+	if p.closed.Load() {
 		return nil, fmt.Errorf("gpg: wrap: %w", kleidi.ErrClosed)
 	}
 	var buf bytes.Buffer
@@ -204,7 +217,7 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch {
-	case p.closed:
+	case p.closed.Load():
 		return nil, fmt.Errorf("gpg: unwrap: %w", kleidi.ErrClosed)
 	case p.private == nil:
 		return nil, fmt.Errorf("gpg: unwrap: %w: %w", ErrNoPrivateKey, kleidi.ErrUnwrap)
@@ -253,7 +266,7 @@ func (p *Provider) Health(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch {
-	case p.closed:
+	case p.closed.Load():
 		return fmt.Errorf("gpg: health: %w", kleidi.ErrClosed)
 	case p.private == nil:
 		return fmt.Errorf("gpg: health: %w: this provider only wraps", ErrNoPrivateKey)
@@ -266,8 +279,8 @@ func (p *Provider) Health(ctx context.Context) error {
 func (p *Provider) Close() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !p.closed {
-		p.closed = true
+	if !p.closed.Load() {
+		p.closed.Store(true)
 		p.forget()
 	}
 	return nil

@@ -11,8 +11,8 @@ import (
 )
 
 // TestAddRecipient adds a second OpenPGP key to a keyring whose KEKs are wrapped to one key: after
-// Envelope.Rewrap, a node that holds only the second private key decrypts the data encrypted before, under the
-// same key IDs.
+// Envelope.Rewrap, a node that holds only the second private key (and lists both public keys, so that it trusts
+// the proofs of the first) decrypts the data encrypted before, under the same key IDs.
 func TestAddRecipient(t *testing.T) {
 	k1, k2 := newTestKey(t, keyOptions{}), newTestKey(t, keyOptions{v6: true})
 	ring := kleidi.NewFileKeyring(filepath.Join(t.TempDir(), "keyring.json"))
@@ -40,9 +40,14 @@ func TestAddRecipient(t *testing.T) {
 	}
 
 	// Before the rewrap, key 2 unwraps nothing.
-	p2 := newProvider(t, gpg.Config{PrivateKeyFile: k2.priv})
+	p2 := newProvider(t, gpg.Config{PublicKeyFiles: []string{k1.pub, k2.pub}, PrivateKeyFile: k2.priv})
 	if _, err := kleidi.NewEnvelope(ctx, p2, ring); !errors.Is(err, kleidi.ErrUnwrap) {
 		t.Fatalf("kleidi.NewEnvelope(ctx, p2, ring) before the rewrap err = %v, want an error wrapping kleidi.ErrUnwrap", err)
+	}
+	// A node that lists only its own key does not trust what key 1 proved.
+	alone := newProvider(t, gpg.Config{PrivateKeyFile: k2.priv})
+	if _, err := kleidi.NewEnvelope(ctx, alone, ring); !errors.Is(err, kleidi.ErrUnauthenticated) {
+		t.Fatalf("kleidi.NewEnvelope(ctx, key 2 alone, ring) err = %v, want an error wrapping kleidi.ErrUnauthenticated", err)
 	}
 
 	// Node 1 adds key 2 as a recipient and re-wraps every KEK.
