@@ -39,6 +39,8 @@ type blob struct {
 	parent  []byte // TPM2B_NAME contents
 	public  []byte // TPMT_PUBLIC
 	private []byte // TPM2B_PRIVATE contents
+
+	policy []byte // the sealed object's authPolicy, from public (not marshalled)
 }
 
 var errBlob = errors.New("tpm: not a wrapped key of this format")
@@ -110,6 +112,7 @@ func parseBlob(in []byte) (*blob, error) {
 	if err := checkSealedPublic(pub, b.auth); err != nil {
 		return nil, err
 	}
+	b.policy = pub.AuthPolicy.Buffer
 	return b, nil
 }
 

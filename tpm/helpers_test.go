@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
@@ -124,4 +126,64 @@ func equalInts(a, b []int) bool {
 		}
 	}
 	return true
+}
+
+// commandLog records the command codes sent through a provider's connection.
+type commandLog struct {
+	mu    sync.Mutex
+	codes []tpm2.TPMCC
+}
+
+func (l *commandLog) count(cc tpm2.TPMCC) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, c := range l.codes {
+		if c == cc {
+			n++
+		}
+	}
+	return n
+}
+
+func (l *commandLog) total() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.codes)
+}
+
+// loggingTPM records each command's code, then sends it.
+type loggingTPM struct {
+	transport.TPMCloser
+	log *commandLog
+}
+
+func (c loggingTPM) Send(cmd []byte) ([]byte, error) {
+	if len(cmd) >= 10 {
+		c.log.mu.Lock()
+		c.log.codes = append(c.log.codes, tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:10])))
+		c.log.mu.Unlock()
+	}
+	return c.TPMCloser.Send(cmd)
+}
+
+// recordCommands makes p record the commands it sends from now on, on its current connection and on any later
+// one.
+func recordCommands(t testing.TB, p *Provider) *commandLog {
+	t.Helper()
+	l := &commandLog{}
+	p.sem <- struct{}{}
+	defer func() { <-p.sem }()
+	open := p.open
+	p.open = func() (transport.TPMCloser, error) {
+		tp, err := open()
+		if err != nil {
+			return nil, err
+		}
+		return loggingTPM{tp, l}, nil
+	}
+	if p.tpm != nil {
+		p.tpm = loggingTPM{p.tpm, l}
+	}
+	return l
 }

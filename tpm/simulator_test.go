@@ -104,7 +104,8 @@ func TestReboot(t *testing.T) {
 	}
 }
 
-// TestClear: a TPM clear (new owner seed) makes every sealed key unrecoverable, and Unwrap says why.
+// TestClear: a TPM clear (new owner seed) makes every sealed key unrecoverable, and Unwrap says why; the provider
+// that pinned the old storage root key refuses to seal under the new one, and a new provider works.
 func TestClear(t *testing.T) {
 	ctx := context.Background()
 	p := newSimProvider(t, Config{})
@@ -119,8 +120,14 @@ func TestClear(t *testing.T) {
 	if !strings.Contains(err.Error(), "cleared") {
 		t.Errorf("p.Unwrap(ctx, blob) after clear err = %q, want it to say the TPM was cleared", err)
 	}
-	// New keys work under the new seed.
-	wrapUnwrap(t, p)
+	if _, err := p.Wrap(ctx, randomKey(t)); !errors.Is(err, ErrStorageKeyChanged) {
+		t.Fatalf("p.Wrap(ctx, key) after clear err = %v, want an error wrapping ErrStorageKeyChanged", err)
+	}
+	if err := p.Health(ctx); !errors.Is(err, ErrStorageKeyChanged) {
+		t.Fatalf("p.Health(ctx) after clear = %v, want an error wrapping ErrStorageKeyChanged", err)
+	}
+	// New keys work under the new seed, with a provider started after the clear.
+	wrapUnwrap(t, newSimProviderShared(t, p, Config{}))
 }
 
 func extendPCR(t *testing.T, p *Provider, pcr int) {
@@ -160,9 +167,9 @@ func TestPCRPolicy(t *testing.T) {
 	if !strings.Contains(err.Error(), "PCR") {
 		t.Errorf("p.Unwrap(ctx, blob) after extending PCR 7 err = %q, want it to mention PCR", err)
 	}
-	// A key not bound to PCRs is unaffected.
-	if got, err := p.Unwrap(ctx, freeBlob); err != nil || !bytes.Equal(got, freeKey) {
-		t.Fatalf("p.Unwrap(ctx, unbound blob) after extending PCR 7 err = %v, want nil and the key", err)
+	// A key not bound to PCRs is unaffected, for a provider configured without PCRs.
+	if got, err := unbound.Unwrap(ctx, freeBlob); err != nil || !bytes.Equal(got, freeKey) {
+		t.Fatalf("unbound.Unwrap(ctx, unbound blob) after extending PCR 7 err = %v, want nil and the key", err)
 	}
 	// A key sealed now binds the new value.
 	wrapUnwrap(t, p)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -29,13 +30,16 @@ const srkHandle tpm2.TPMHandle = 0x81000001
 
 // Errors of this package, besides the kleidi sentinels they come with.
 var (
-	// ErrPolicy means the key is bound to PCRs whose values changed since it was sealed (a different boot chain,
-	// firmware or Secure Boot state). It comes with [kleidi.ErrUnwrap].
-	ErrPolicy = errors.New("tpm: PCR policy not satisfied: the bound PCR values changed since the key was sealed")
-	// ErrStorageKeyChanged means the key was sealed under another storage root key: the TPM was cleared (its
-	// owner seed replaced), or the key was sealed by another TPM. No retry will unwrap it. It comes with
-	// [kleidi.ErrUnwrap].
-	ErrStorageKeyChanged = errors.New("tpm: sealed under another storage root key: the TPM was cleared, or the key was sealed by another TPM")
+	// ErrPolicy means the key's policy is not the one this provider is configured for: it is bound to other PCRs
+	// (or to none), or the bound PCR values changed since it was sealed (a different boot chain, firmware or
+	// Secure Boot state). It comes with [kleidi.ErrUnwrap].
+	ErrPolicy = errors.New("tpm: PCR policy not satisfied: the key's PCR policy is not the configured one, or the bound PCR values changed since it was sealed")
+	// ErrStorageKeyChanged means the storage root key is not the one expected. From Unwrap (with
+	// [kleidi.ErrUnwrap]): the key was sealed under another storage root key, because the TPM was cleared (its
+	// owner seed replaced) or the key was sealed by another TPM; no retry will unwrap it. From Wrap, Prove and
+	// Health: the TPM presents a storage root key other than the one the provider pinned (see [Config.SRKName]),
+	// because the TPM was cleared or replaced, or something between this process and the TPM answers in its place.
+	ErrStorageKeyChanged = errors.New("tpm: the storage root key is not the expected one: the TPM was cleared, or it is another TPM")
 )
 
 // Config selects the TPM and how keys are sealed.
@@ -53,6 +57,11 @@ type Config struct {
 	// AuthFile names a file whose content (1 to 32 bytes; one trailing newline is ignored) is the auth value
 	// of new sealed objects, and is needed to unseal them. Empty: no auth value.
 	AuthFile string
+	// SRKName pins the storage root key: the hex TPM name (68 hex digits, "000b" and a SHA-256 digest) of the
+	// SRK that every operation must find, as [Provider.SRKName] returns it and tpm2_readpublic prints it as
+	// "name". Empty: the provider trusts the SRK it finds when it starts (trust on first use) and refuses any
+	// other afterwards.
+	SRKName string
 }
 
 // Provider is a [kleidi.Provider] whose root of trust is a TPM 2.0. It seals each key as a TPM object under the
@@ -73,11 +82,18 @@ type Provider struct {
 	closed bool
 	tpm    transport.TPMCloser // nil when disconnected
 	srk    *storageKey         // nil when not set up on this connection
+	pin    []byte              // the SRK name every operation must find; nil until the first SRK is set up
+
+	proof proofState // the proof key of [Provider.Prove] and [Provider.Verify]
 }
 
-var _ kleidi.Provider = (*Provider)(nil)
+var (
+	_ kleidi.Provider      = (*Provider)(nil)
+	_ kleidi.Authenticator = (*Provider)(nil)
+)
 
-// storageKey is the SRK as loaded on the current connection.
+// storageKey is the SRK as loaded on the current connection. Its name is computed from its public area, never
+// taken from the TPM's answer, so the public area a session is salted to is the one the name pins.
 type storageKey struct {
 	handle     tpm2.TPMHandle
 	name       tpm2.TPM2BName
@@ -102,6 +118,13 @@ func New(ctx context.Context, cfg Config) (*Provider, error) {
 // newProvider returns a provider on the TPM that open reaches. With perOp it connects for each operation.
 func newProvider(ctx context.Context, cfg Config, open opener, perOp bool) (*Provider, error) {
 	p := &Provider{open: open, perOp: perOp, sem: make(chan struct{}, 1)}
+	if cfg.SRKName != "" {
+		pin, err := parseSRKName(cfg.SRKName)
+		if err != nil {
+			return nil, err
+		}
+		p.pin = pin
+	}
 	for _, i := range cfg.PCRs {
 		if i < 0 || i >= numPCRs {
 			return nil, fmt.Errorf("tpm: PCR %d out of range 0 to %d", i, numPCRs-1)
@@ -120,6 +143,39 @@ func newProvider(ctx context.Context, cfg Config, open opener, perOp bool) (*Pro
 		return nil, err
 	}
 	return p, nil
+}
+
+// parseSRKName parses the hex TPM name of a storage root key: a SHA-256 name, as the SRK template has.
+func parseSRKName(s string) ([]byte, error) {
+	name, err := hex.DecodeString(strings.TrimSpace(s))
+	if err != nil || len(name) != 2+sha256.Size || binary.BigEndian.Uint16(name) != uint16(tpm2.TPMAlgSHA256) {
+		return nil, fmt.Errorf("tpm: SRK name %q: want 68 hex digits, 000b and a SHA-256 digest", s)
+	}
+	return name, nil
+}
+
+// SRKName returns the hex TPM name of the storage root key this provider is pinned to: the one of
+// [Config.SRKName], or else the one it found when it started. Record it (at init) and pass it as
+// [Config.SRKName] to every later provider on this TPM, so that none of them trusts another SRK even at start.
+func (p *Provider) SRKName() string {
+	p.sem <- struct{}{}
+	defer func() { <-p.sem }()
+	return hex.EncodeToString(p.pin)
+}
+
+// checkPin pins the storage root key the first time one is set up, and afterwards returns an error wrapping
+// [ErrStorageKeyChanged] when srk is another key. A session salted to another key would hand what it protects
+// to whoever holds that key.
+func (p *Provider) checkPin(srk *storageKey) error {
+	if p.pin == nil {
+		p.pin = bytes.Clone(srk.name.Buffer)
+		return nil
+	}
+	if !bytes.Equal(p.pin, srk.name.Buffer) {
+		return fmt.Errorf("%w: it presents storage root key %x, not the pinned %x (if the TPM was cleared on purpose, initialise a new keyring)",
+			ErrStorageKeyChanged, srk.name.Buffer, p.pin)
+	}
+	return nil
 }
 
 // readAuthFile reads an auth value. The TPM drops trailing zero bytes of an auth value, so they are dropped here.
@@ -164,7 +220,8 @@ func ParsePCRs(s string) ([]int, error) {
 func (p *Provider) Name() string { return "tpm" }
 
 // Wrap seals key (1 to [MaxKeySize] bytes) under the TPM's storage root key, bound to the configured PCRs and
-// auth value. The key travels to the TPM encrypted by a session salted with the SRK.
+// auth value. The key travels to the TPM encrypted by a session salted with the SRK, and only with the pinned SRK
+// (see [Config.SRKName]): another gives an error wrapping [ErrStorageKeyChanged].
 func (p *Provider) Wrap(ctx context.Context, key []byte) ([]byte, error) {
 	if len(key) == 0 {
 		return nil, errors.New("tpm: wrap: empty key")
@@ -174,6 +231,9 @@ func (p *Provider) Wrap(ctx context.Context, key []byte) ([]byte, error) {
 	}
 	var out []byte
 	err := p.do(ctx, "wrap", true, func(t transport.TPM, srk *storageKey) error {
+		if err := p.checkPin(srk); err != nil {
+			return err
+		}
 		policy, err := p.policyDigest(t)
 		if err != nil {
 			return err
@@ -231,6 +291,20 @@ func (p *Provider) policyDigest(t transport.TPM) ([]byte, error) {
 		return nil, err
 	}
 	return calc.Hash().Digest, nil
+}
+
+// policySession returns a policy session that satisfies the configured policy (PolicyPCR over the configured
+// PCRs, then PolicyAuthValue with the configured auth value), salted with srk, that encrypts the command's response.
+func (p *Provider) policySession(srk *storageKey) tpm2.Session {
+	return tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(t transport.TPM, h tpm2.TPMISHPolicy, _ tpm2.TPM2BNonce) error {
+		if p.pcrs != 0 {
+			if _, err := (tpm2.PolicyPCR{PolicySession: h, Pcrs: pcrSelection(p.pcrs)}).Execute(t); err != nil {
+				return err
+			}
+		}
+		_, err := tpm2.PolicyAuthValue{PolicySession: h}.Execute(t)
+		return err
+	}, tpm2.Auth(p.auth), tpm2.Salted(srk.handle, srk.public), tpm2.AESEncryption(128, tpm2.EncryptOut))
 }
 
 // pcrSelection is the TPML_PCR_SELECTION of the SHA-256 bank for the PCR bitmap pcrs.
@@ -293,9 +367,13 @@ func pcrList(pcrs uint32) []int {
 }
 
 // Unwrap loads a sealed key under the storage root key and unseals it through its policy (PCR values, auth
-// value). The key travels back encrypted by a session salted with the SRK. Errors wrap [kleidi.ErrUnwrap] for a
-// blob this TPM refuses (and [ErrPolicy] or [ErrStorageKeyChanged] when that is why), [kleidi.ErrUnavailable] when
-// the TPM cannot be reached.
+// value). It unseals only keys sealed under the pinned SRK with the policy this provider's configuration gives
+// now: the same PCR selection, the same PCR values (the sealed object's policy digest, which the TPM binds to it,
+// must be the one the current values give) and an auth value exactly when one is configured. A key sealed by a
+// provider configured otherwise (no PCRs, other PCRs) is refused, whatever the TPM would accept. The key travels
+// back encrypted by a session salted with the SRK. Errors wrap [kleidi.ErrUnwrap] for a blob this provider
+// refuses (and [ErrPolicy] or [ErrStorageKeyChanged] when that is why), [kleidi.ErrUnavailable] when the TPM
+// cannot be reached.
 func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 	b, err := parseBlob(wrapped)
 	if err != nil {
@@ -309,8 +387,23 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 		if !b.auth && p.auth != nil {
 			return fmt.Errorf("%w: the key was sealed without an auth value and one is configured", kleidi.ErrUnwrap)
 		}
+		if err := p.checkPin(srk); err != nil {
+			return fmt.Errorf("%w: %w", kleidi.ErrUnwrap, err)
+		}
 		if !bytes.Equal(b.parent, srk.name.Buffer) {
 			return fmt.Errorf("%w: %w", ErrStorageKeyChanged, kleidi.ErrUnwrap)
+		}
+		if b.pcrs != p.pcrs {
+			return fmt.Errorf("%w: %w: the key is bound to PCRs %v, this provider to %v", ErrPolicy, kleidi.ErrUnwrap,
+				pcrList(b.pcrs), pcrList(p.pcrs))
+		}
+		want, err := p.policyDigest(t)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(b.policy, want) {
+			return fmt.Errorf("%w: %w: the key's policy digest is not the one PCRs %v give now", ErrPolicy, kleidi.ErrUnwrap,
+				pcrList(p.pcrs))
 		}
 		loaded, err := tpm2.Load{
 			ParentHandle: tpm2.AuthHandle{Handle: srk.handle, Name: srk.name, Auth: tpm2.PasswordAuth(nil)},
@@ -324,15 +417,7 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 			return fmt.Errorf("%w: the TPM refused the sealed object (damaged, or not sealed by this TPM): %w", kleidi.ErrUnwrap, err)
 		}
 		defer flushContext(t, loaded.ObjectHandle)
-		sess := tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(t transport.TPM, h tpm2.TPMISHPolicy, _ tpm2.TPM2BNonce) error {
-			if b.pcrs != 0 {
-				if _, err := (tpm2.PolicyPCR{PolicySession: h, Pcrs: pcrSelection(b.pcrs)}).Execute(t); err != nil {
-					return err
-				}
-			}
-			_, err := tpm2.PolicyAuthValue{PolicySession: h}.Execute(t)
-			return err
-		}, tpm2.Auth(p.auth), tpm2.Salted(srk.handle, srk.public), tpm2.AESEncryption(128, tpm2.EncryptOut))
+		sess := p.policySession(srk)
 		defer flushSession(t, sess)
 		rsp, err := tpm2.Unseal{
 			ItemHandle: tpm2.AuthHandle{Handle: loaded.ObjectHandle, Name: loaded.Name, Auth: sess},
@@ -373,6 +458,9 @@ func (p *Provider) Health(ctx context.Context) error {
 // checkSRK connects (or reconnects) to the TPM, sets up the storage root key if needed and reads its public area.
 func (p *Provider) checkSRK(ctx context.Context, op string) error {
 	return p.do(ctx, op, true, func(t transport.TPM, srk *storageKey) error {
+		if err := p.checkPin(srk); err != nil {
+			return err
+		}
 		rsp, err := tpm2.ReadPublic{ObjectHandle: srk.handle}.Execute(t)
 		if err != nil {
 			return err
@@ -385,18 +473,21 @@ func (p *Provider) checkSRK(ctx context.Context, op string) error {
 	})
 }
 
-// Close implements [kleidi.Provider]: it flushes the storage root key, closes the connection and forgets the
-// auth value. It is idempotent.
+// Close implements [kleidi.Provider]: it flushes the storage root key, closes the connection and zeroes the auth
+// value and the proof key. It is idempotent.
 func (p *Provider) Close() error {
 	p.sem <- struct{}{}
-	defer func() { <-p.sem }()
 	if p.closed {
+		<-p.sem
 		return nil
 	}
 	p.closed = true
 	clear(p.auth)
 	p.auth = nil
-	return p.disconnect()
+	err := p.disconnect()
+	<-p.sem
+	p.proof.close()
+	return err
 }
 
 // do runs f with the TPM connection and, with needSRK, the storage root key (else srk is nil) under the provider's
@@ -580,7 +671,9 @@ func (p *Provider) createSRK(t transport.TPM) (*storageKey, error) {
 	if err == nil {
 		pub, perr := rp.OutPublic.Contents()
 		if perr == nil && isSRKTemplate(pub) {
-			return &storageKey{handle: srkHandle, name: rp.Name, public: *pub, persistent: true}, nil
+			if name, nerr := tpm2.ObjectName(pub); nerr == nil {
+				return &storageKey{handle: srkHandle, name: *name, public: *pub, persistent: true}, nil
+			}
 		}
 	}
 	var te *transportError
@@ -602,7 +695,12 @@ func (p *Provider) createSRK(t transport.TPM) (*storageKey, error) {
 		flushContext(t, cp.ObjectHandle)
 		return nil, err
 	}
-	return &storageKey{handle: cp.ObjectHandle, name: cp.Name, public: *pub}, nil
+	name, err := tpm2.ObjectName(pub)
+	if err != nil {
+		flushContext(t, cp.ObjectHandle)
+		return nil, err
+	}
+	return &storageKey{handle: cp.ObjectHandle, name: *name, public: *pub}, nil
 }
 
 // isSRKTemplate reports whether pub is the TCG ECC P-256 SRK template, ignoring its unique field.
