@@ -239,6 +239,10 @@ func TestConfigErrors(t *testing.T) {
 		{Path: "unix://"},
 		{Path: SimulatorPath, PCRs: []int{24}},
 		{Path: SimulatorPath, PCRs: []int{-1}},
+		{Path: SimulatorPath, SRKName: "zz"},
+		{Path: SimulatorPath, SRKName: "000b"},
+		{Path: SimulatorPath, SRKName: "0004" + strings.Repeat("00", 32)},
+		{Path: SimulatorPath, SRKName: "000b" + strings.Repeat("00", 32)}, // well formed, not this TPM's
 	} {
 		if p, err := New(context.Background(), cfg); err == nil {
 			p.Close()

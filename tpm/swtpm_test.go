@@ -361,3 +361,110 @@ func TestSwtpmPersistentSRK(t *testing.T) {
 		t.Errorf("Unwrap with a persistent SRK sent %d TPM commands, want 6", got)
 	}
 }
+
+// TestSwtpmUnwrapRefusesForeignPolicy: on a real vTPM, a provider configured with PCR 7 refuses keys sealed by
+// other providers (other processes) with no PCR policy or other PCRs, and its own keys still unwrap.
+func TestSwtpmUnwrapRefusesForeignPolicy(t *testing.T) {
+	s := startSwtpm(t, false, swtpmFlags)
+	p := newSwtpmProvider(t, s, Config{PCRs: []int{7}})
+	for name, cfg := range map[string]Config{"no PCRs": {}, "PCR 8": {PCRs: []int{8}}, "PCRs 7, 8": {PCRs: []int{7, 8}}} {
+		t.Run(name, func(t *testing.T) {
+			other := newSwtpmProvider(t, s, cfg)
+			ctx := context.Background()
+			key, blob := wrapUnwrap(t, other)
+			got, err := p.Unwrap(ctx, blob)
+			if !errors.Is(err, kleidi.ErrUnwrap) || !errors.Is(err, ErrPolicy) || got != nil {
+				t.Fatalf("p.Unwrap(ctx, blob sealed with %s) = %d bytes, %v; want nil, an error wrapping kleidi.ErrUnwrap and ErrPolicy", name, len(got), err)
+			}
+			if bytes.Contains([]byte(err.Error()), key) {
+				t.Fatalf("p.Unwrap(ctx, foreign blob) err holds the key")
+			}
+			// Nor can the other process make a proof that p accepts.
+			msg := []byte("wrapped key")
+			forged, err := other.Prove(ctx, msg)
+			if err != nil {
+				t.Fatalf("other.Prove(ctx, msg) err = %v, want nil", err)
+			}
+			if err := p.Verify(ctx, msg, forged); !errors.Is(err, kleidi.ErrUnauthenticated) {
+				t.Fatalf("p.Verify(ctx, msg, proof by a provider with %s) = %v, want an error wrapping kleidi.ErrUnauthenticated", name, err)
+			}
+			wrapUnwrap(t, p)
+		})
+	}
+	if objects, sessions := swtpmHandles(t, s); len(objects) != 0 || len(sessions) != 0 {
+		t.Errorf("transient handles = %#x, sessions = %#x; want none", objects, sessions)
+	}
+}
+
+// TestSwtpmProofSurvivesRestart: the proof key is the same after swtpm restarts and for a new provider (a
+// restarted plugin that lost its keyring), so proofs made before still verify.
+func TestSwtpmProofSurvivesRestart(t *testing.T) {
+	ctx := context.Background()
+	s := startSwtpm(t, false, swtpmFlags)
+	cfg := Config{PCRs: []int{7}, AuthFile: writeAuthFile(t, "pw")}
+	p := newSwtpmProvider(t, s, cfg)
+	msg := []byte("wrapped key")
+	proof, err := p.Prove(ctx, msg)
+	if err != nil {
+		t.Fatalf("p.Prove(ctx, msg) err = %v, want nil", err)
+	}
+	p.Close()
+	s.kill()
+	s.start()
+	q := newSwtpmProvider(t, s, cfg)
+	if err := q.Verify(ctx, msg, proof); err != nil {
+		t.Fatalf("q.Verify(ctx, msg, proof made before the restart) = %v, want nil", err)
+	}
+	if objects, sessions := swtpmHandles(t, s); len(objects) != 0 || len(sessions) != 0 {
+		t.Errorf("transient handles = %#x, sessions = %#x; want none", objects, sessions)
+	}
+}
+
+// TestSwtpmSRKPinned: a provider refuses to seal under a storage root key other than the one it pinned: swtpm
+// restarted on a new state directory (another TPM, as a replaced chip or something that answers in the TPM's
+// place between an unwrap and a wrap at rotation time) gets no key. A provider pinned by Config.SRKName refuses
+// another TPM from the start.
+func TestSwtpmSRKPinned(t *testing.T) {
+	ctx := context.Background()
+	s := startSwtpm(t, false, swtpmFlags)
+	p := newSwtpmProvider(t, s, Config{})
+	_, blob := wrapUnwrap(t, p)
+	pin := p.SRKName()
+	if len(pin) != 68 || pin[:4] != "000b" {
+		t.Fatalf("p.SRKName() = %q, want 68 hex digits starting with 000b", pin)
+	}
+
+	s.kill()
+	if err := os.Remove(filepath.Join(s.dir, "tpm2-00.permall")); err != nil {
+		t.Fatalf("removing swtpm's state: %v", err)
+	}
+	s.start()
+	key := randomKey(t)
+	wrapped, err := p.Wrap(ctx, key)
+	if !errors.Is(err, ErrStorageKeyChanged) || wrapped != nil {
+		t.Fatalf("p.Wrap(ctx, key) on another TPM = %d bytes, %v; want nil, an error wrapping ErrStorageKeyChanged", len(wrapped), err)
+	}
+	if _, err := p.Unwrap(ctx, blob); !errors.Is(err, ErrStorageKeyChanged) || !errors.Is(err, kleidi.ErrUnwrap) {
+		t.Fatalf("p.Unwrap(ctx, blob) on another TPM err = %v, want an error wrapping ErrStorageKeyChanged and kleidi.ErrUnwrap", err)
+	}
+	if _, err := p.Prove(ctx, []byte("m")); !errors.Is(err, ErrStorageKeyChanged) {
+		t.Fatalf("p.Prove(ctx, m) on another TPM err = %v, want an error wrapping ErrStorageKeyChanged", err)
+	}
+	if err := p.Verify(ctx, []byte("m"), make([]byte, ProofSize)); !errors.Is(err, kleidi.ErrUnauthenticated) {
+		t.Fatalf("p.Verify(ctx, m, proof) on another TPM = %v, want an error wrapping kleidi.ErrUnauthenticated", err)
+	}
+	if objects, sessions := swtpmHandles(t, s); len(objects) != 0 || len(sessions) != 0 {
+		t.Errorf("transient handles = %#x, sessions = %#x; want none", objects, sessions)
+	}
+
+	// Pinned by configuration: New refuses the new TPM; the new TPM's own name works.
+	if q, err := New(ctx, Config{Path: s.path(), SRKName: pin}); !errors.Is(err, ErrStorageKeyChanged) {
+		if q != nil {
+			q.Close()
+		}
+		t.Fatalf("New(ctx, SRKName of the old TPM) on a new TPM err = %v, want an error wrapping ErrStorageKeyChanged", err)
+	}
+	fresh := newSwtpmProvider(t, s, Config{})
+	q := newSwtpmProvider(t, s, Config{SRKName: fresh.SRKName()})
+	wrapUnwrap(t, q)
+}
