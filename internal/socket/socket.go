@@ -18,6 +18,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
+
+	"github.com/kleidi-kms/kleidi/internal/trustedpath"
 )
 
 // ParseEndpoint returns the socket path of an endpoint as an EncryptionConfiguration names it:
@@ -43,14 +45,18 @@ func ParseEndpoint(endpoint string) (string, error) {
 }
 
 // Listen listens on the unix socket path with file mode mode. For a path in the file system:
-//   - the parent directory is created with mode 0700 if missing; an existing one must be owned by this user or
-//     root and must not be writable by others unless it is sticky (as /tmp is);
-//   - a socket already at path is removed only if nothing answers on it (a crashed server's); if a server
-//     answers, Listen fails; anything other than a socket at path is never removed;
-//   - the socket is bound under a temporary name, given its mode, then renamed to path, so it never exists at path
-//     with a looser mode. Closing the listener removes the socket.
+//   - the socket's directory is created with mode 0700 if missing; it and every directory above it must be
+//     owned by root or this user, and none may be writable by group or other users, except a sticky directory
+//     above the socket's (as /tmp is);
+//   - the socket is bound inside a fresh directory of mode 0700, given its mode there, then moved to path, so no
+//     other user can connect to it before it has its mode, whatever the umask;
+//   - a socket already at path is replaced only if nothing answers on it (a crashed server's); if a server
+//     answers, Listen fails; anything other than a socket at path is never removed. The check and the move hold
+//     a lock on the directory and the move never replaces what another process put at path meanwhile;
+//   - closing the listener removes the socket, unless another socket has replaced it at path.
 //
-// An abstract socket ("@name") has no file, hence no mode and no stale socket.
+// An abstract socket ("@name") has no file, hence no mode and no stale socket: any process in the network
+// namespace may connect to it, so its callers must be checked another way.
 func Listen(path string, mode fs.FileMode) (net.Listener, error) {
 	if strings.HasPrefix(path, "@") {
 		return net.Listen("unix", path)
@@ -61,38 +67,120 @@ func Listen(path string, mode fs.FileMode) (net.Listener, error) {
 	if mode&^fs.ModePerm != 0 {
 		return nil, fmt.Errorf("socket %s: mode %v has bits other than permissions", path, mode)
 	}
+	path = filepath.Clean(path)
 	dir := filepath.Dir(path)
 	if err := secureDir(dir); err != nil {
 		return nil, err
 	}
-	if err := removeStale(path); err != nil {
-		return nil, err
+	unlock, err := lockDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
-	tmp := filepath.Join(dir, fmt.Sprintf(".%s.%d.tmp", filepath.Base(path), os.Getpid()))
-	os.Remove(tmp) // a leftover of this pid's predecessor; our own name in a directory only we may write
+	defer unlock()
+	removeLeftovers(dir, filepath.Base(path))
+
+	// Bound where only this user can reach it: a private directory of mode 0700 beside path.
+	private, err := os.MkdirTemp(dir, privatePrefix(filepath.Base(path)))
+	if err != nil {
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	defer os.RemoveAll(private)
+	if err := os.Chmod(private, 0o700); err != nil {
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	tmp := filepath.Join(private, "s")
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	l.SetUnlinkOnClose(false)
+	fail := func(err error) (net.Listener, error) {
+		l.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
 	if err := os.Chmod(tmp, mode); err != nil {
-		l.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("socket %s: %w", path, err)
+		return fail(err)
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := removeStale(path); err != nil {
 		l.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("socket %s: %w", path, err)
+		return nil, err
 	}
-	return &listener{UnixListener: l, path: path}, nil
+	if testHookBeforeRename != nil {
+		testHookBeforeRename()
+	}
+	if err := renameNoReplace(tmp, path); errors.Is(err, fs.ErrExist) {
+		// Something came to path since removeStale looked: a server that answers is never replaced.
+		if err := removeStale(path); err != nil {
+			l.Close()
+			return nil, err
+		}
+		if err := renameNoReplace(tmp, path); err != nil {
+			return fail(err)
+		}
+	} else if err != nil {
+		return fail(err)
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return fail(err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fail(errors.New("no inode"))
+	}
+	return &listener{UnixListener: l, path: path, dev: st.Dev, ino: st.Ino}, nil
 }
 
-// listener removes its socket file when closed.
+// privatePrefix is the name prefix of the private directories sockets named base are bound in.
+func privatePrefix(base string) string { return "." + base + ".bind-" }
+
+// removeLeftovers removes the private directories a crashed Listen left in dir. The caller holds dir's lock, so
+// no other Listen is using one.
+func removeLeftovers(dir, base string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if e.IsDir() && strings.HasPrefix(e.Name(), privatePrefix(base)) {
+			os.RemoveAll(filepath.Join(dir, e.Name()))
+		}
+	}
+}
+
+// renameNoReplace moves from to to, failing with an error that wraps [fs.ErrExist] if to exists. On a file
+// system without RENAME_NOREPLACE it falls back to a plain rename; the caller holds the directory's lock.
+func renameNoReplace(from, to string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+		return os.Rename(from, to)
+	}
+	if err != nil {
+		return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
+	}
+	return nil
+}
+
+// lockDir takes an exclusive advisory lock on dir, which every Listen and Close on a socket in dir takes, so
+// that two plugins starting or stopping at once never remove each other's socket.
+func lockDir(dir string) (unlock func(), err error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// listener removes its socket file when closed, if the file is still its own.
 type listener struct {
 	*net.UnixListener
-	path string
-	once sync.Once
+	path     string
+	dev, ino uint64
+	once     sync.Once
 }
 
 // Addr returns the socket's path, not the temporary name it was bound under.
@@ -100,33 +188,53 @@ func (l *listener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "un
 
 func (l *listener) Close() error {
 	err := l.UnixListener.Close()
-	l.once.Do(func() { os.Remove(l.path) })
+	l.once.Do(func() {
+		unlock, lerr := lockDir(filepath.Dir(l.path))
+		if lerr != nil {
+			return
+		}
+		defer unlock()
+		fi, serr := os.Lstat(l.path)
+		if serr != nil {
+			return
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Dev == l.dev && st.Ino == l.ino {
+			os.Remove(l.path)
+		}
+	})
 	return err
 }
 
 // secureDir creates dir with mode 0700 if missing and checks that no other user can replace what is in it.
 func secureDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	// Check what exists before creating anything in it.
+	existing := dir
+	for {
+		if _, err := os.Lstat(existing); err == nil || existing == filepath.Dir(existing) {
+			break
+		}
+		existing = filepath.Dir(existing)
+	}
+	if existing != dir {
+		if err := trustedpath.Dir(existing); err != nil {
+			return fmt.Errorf("socket directory: %w", err)
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("socket directory: %w", err)
+		}
+		for d := dir; d != existing; d = filepath.Dir(d) {
+			if err := os.Chmod(d, 0o700); err != nil {
+				return fmt.Errorf("socket directory: %w", err)
+			}
+		}
+	}
+	if err := trustedpath.Dir(dir); err != nil {
 		return fmt.Errorf("socket directory: %w", err)
-	}
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return fmt.Errorf("socket directory: %w", err)
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !fi.IsDir() || !ok {
-		return fmt.Errorf("socket directory %s is not a directory", dir)
-	}
-	if int(st.Uid) != os.Geteuid() && st.Uid != 0 {
-		return fmt.Errorf("socket directory %s is owned by uid %d, not by this user (%d) or root", dir, st.Uid, os.Geteuid())
-	}
-	if fi.Mode()&0o002 != 0 && fi.Mode()&fs.ModeSticky == 0 {
-		return fmt.Errorf("socket directory %s is writable by every user (mode %v)", dir, fi.Mode().Perm())
 	}
 	return nil
 }
 
-// removeStale removes a socket at path that nothing answers on.
+// removeStale removes a socket at path that nothing answers on. The caller holds the directory's lock.
 func removeStale(path string) error {
 	fi, err := os.Lstat(path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -222,3 +330,6 @@ func (c Cred) String() string {
 	return "uid=" + strconv.FormatUint(uint64(c.UID), 10) + " gid=" + strconv.FormatUint(uint64(c.GID), 10) +
 		" pid=" + strconv.FormatInt(int64(c.PID), 10)
 }
+
+// testHookBeforeRename, if not nil, runs in Listen just before the socket is moved to its path.
+var testHookBeforeRename func()
