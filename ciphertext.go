@@ -5,6 +5,7 @@ import (
 	"crypto/cipher"
 	"errors"
 	"fmt"
+	"sync/atomic"
 )
 
 // Ciphertext format, version 1:
@@ -34,10 +35,12 @@ type Ciphertext struct {
 	raw      []byte
 	keyIDLen int
 
-	// WrappedKey is the KEK that encrypted the data, wrapped by the root of trust, or nil. It is not part of
-	// [Ciphertext.Bytes]: callers that want self-contained data store it beside them (the KMS v2 server puts it
-	// in an annotation). [Envelope.Decrypt] unwraps it when the key is not in its keyring, and refuses it unless
-	// the unwrapped key is the one the ciphertext names. It is public, and shared: do not modify it.
+	// WrappedKey is the attached key: the KEK that encrypted the data, wrapped by the root of trust, with the
+	// root's proof that a legitimate holder made it; nil when the provider is not an [Authenticator]. It is not
+	// part of [Ciphertext.Bytes]: callers that want self-contained data store it beside them (the KMS v2 server
+	// puts it in an annotation). [Envelope.Decrypt] unwraps it only when the key is not in its keyring, and only
+	// after its proof verifies and before accepting that it unwraps to the key the ciphertext names. It is
+	// public, and shared: do not modify it.
 	WrappedKey []byte
 }
 
@@ -105,6 +108,7 @@ type kek struct {
 	id     string
 	header []byte // the ciphertext header naming this key, also the additional data
 	aead   cipher.AEAD
+	uses   atomic.Uint64 // messages encrypted in this process
 }
 
 // newKEK prepares key, which must have the identity id. The caller zeroes key afterwards.

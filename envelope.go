@@ -1,8 +1,11 @@
 package kleidi
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
@@ -17,30 +20,70 @@ import (
 // Envelope encrypts and decrypts data under the KEKs of a [Keyring], whose root of trust is a [Provider].
 // It unwraps each KEK at most once per process (concurrent first uses share one [Provider.Unwrap]) and keeps
 // it in memory; after that Encrypt and Decrypt never call the provider. An Envelope is safe for concurrent use.
+//
+// # Authenticity
+//
+// Every wrapped copy of a KEK the Envelope makes carries a proof from the provider's [Authenticator]: only a
+// legitimate holder of the root of trust can make one (the OpenPGP private key, the TPM under its policy), while
+// wrapping needs only public parts. Before the Envelope asks its root to unwrap a copy that did not come from its
+// own keyring file (a ciphertext's attached key, stored by the KMS v2 server in etcd), it checks the copy's proof
+// locally, so a party that can write etcd and knows every public key can neither make the Envelope use a KEK it
+// chose nor make it call the root of trust: forged copies cost one proof check. Keyring copies are checked too
+// when they carry a proof; a copy without one (a keyring written before proofs, or by a root that is not an
+// Authenticator) is trusted as local state, protected by the file's owner and mode.
+//
+// # Bounded work
+//
+// Unwrapped KEKs of the keyring stay in memory; KEKs recovered from attached keys are kept up to a small bound,
+// oldest dropped first. A failed unwrap is remembered for a few seconds, so repeating it costs no call to the
+// root. A panic of the provider during an unwrap fails that call only.
 type Envelope struct {
 	provider      Provider
+	auth          Authenticator // nil: the provider is not one, and attached keys are never unwrapped
 	ring          Keyring
 	unwrapTimeout time.Duration
 	createIfEmpty bool
+	usageLimit    uint64
 
-	active  atomic.Pointer[activeKey]
-	keys    atomic.Pointer[map[string]*kek]      // unwrapped KEKs, copy on write
-	records atomic.Pointer[map[string]KeyRecord] // the keyring as last loaded
-	writeMu sync.Mutex                           // serialises copy-on-write updates of keys
-	flight  singleflight.Group
+	active   atomic.Pointer[activeKey]
+	keys     atomic.Pointer[map[string]*kek]      // unwrapped KEKs, copy on write
+	records  atomic.Pointer[map[string]KeyRecord] // the keyring as last loaded
+	writeMu  sync.Mutex                           // serialises copy-on-write updates of keys, and attached
+	attached []string                             // IDs of cached KEKs recovered from attached keys, oldest first
+	failures failureCache
+	flight   singleflight.Group
+	closed   atomic.Bool
 
 	hits, misses atomic.Uint64
 	onKeyEvent   func(KeyEvent)
 
-	// ringMu serialises what reads the keyring and switches keys (Rotate, Reload, Rewrap), so an older
-	// keyring never replaces a newer one: the active key ID never goes back.
+	// ringMu serialises what reads the keyring and switches keys (Rotate, Reload), so an older keyring never
+	// replaces a newer one: the active key ID never goes back.
 	ringMu sync.Mutex
 }
 
-// activeKey is the KEK new data is encrypted with, and its wrapped form for [Ciphertext.WrappedKey].
+// Bounds of the KEK cache.
+const (
+	// maxAttachedKeys bounds the KEKs kept in memory that are not in the keyring (recovered from attached keys).
+	maxAttachedKeys = 32
+	// failureTTL is how long a refused unwrap is remembered; outageTTL, one that failed because the root of
+	// trust was unavailable or slow, so that its return is seen soon.
+	failureTTL = 5 * time.Second
+	outageTTL  = time.Second
+	// maxFailures bounds the failed unwraps remembered.
+	maxFailures = 1024
+)
+
+// MaxEncryptionsPerKey is the number of messages AES-256-GCM with random 96-bit nonces may encrypt under one
+// key: beyond it, the chance of a repeated nonce, which would reveal the key's authentication subkey, exceeds
+// 2^-32 (NIST SP 800-38D, 8.3). By default an Envelope refuses to encrypt more than half of it under one KEK in
+// one process (see [WithKeyUsageLimit]), leaving the rest for other processes and restarts.
+const MaxEncryptionsPerKey = 1 << 32
+
+// activeKey is the KEK new data is encrypted with, and its attached form for [Ciphertext.WrappedKey].
 type activeKey struct {
-	kek     *kek
-	wrapped []byte
+	kek      *kek
+	attached []byte // nil when the provider is not an Authenticator
 }
 
 // Option configures an [Envelope].
@@ -64,6 +107,19 @@ func WithUnwrapTimeout(d time.Duration) Option {
 func WithCreateIfEmpty() Option {
 	return func(e *Envelope) error {
 		e.createIfEmpty = true
+		return nil
+	}
+}
+
+// WithKeyUsageLimit makes Encrypt refuse, with an error wrapping [ErrKeyExhausted], to encrypt more than n
+// messages under one KEK in this process (default [MaxEncryptionsPerKey]/2). [Envelope.Stats] reports the count
+// of the active KEK, so a server can rotate well before the limit.
+func WithKeyUsageLimit(n uint64) Option {
+	return func(e *Envelope) error {
+		if n == 0 || n > MaxEncryptionsPerKey {
+			return fmt.Errorf("kleidi: key usage limit %d must be 1 to %d", n, uint64(MaxEncryptionsPerKey))
+		}
+		e.usageLimit = n
 		return nil
 	}
 }
@@ -100,8 +156,10 @@ func (e *Envelope) keyEvent(op, id string, changed bool, err error, start time.T
 }
 
 // NewEnvelope loads ring and unwraps its active KEK through p. An empty ring is an error unless the option
-// [WithCreateIfEmpty] is given; then a first KEK is generated, wrapped with p and stored. NewEnvelope does not
-// close p; the caller does, after it is done with the Envelope.
+// [WithCreateIfEmpty] is given; then a first KEK is generated, wrapped with p and stored. If p is an
+// [Authenticator], the Envelope proves the copies it makes and accepts attached keys with a valid proof; if not,
+// it decrypts only with the KEKs of its keyring. NewEnvelope does not close p; the caller does, after
+// [Envelope.Close].
 func NewEnvelope(ctx context.Context, p Provider, ring Keyring, opts ...Option) (*Envelope, error) {
 	if p == nil || ring == nil {
 		return nil, errors.New("kleidi: NewEnvelope needs a provider and a keyring")
@@ -109,7 +167,8 @@ func NewEnvelope(ctx context.Context, p Provider, ring Keyring, opts ...Option) 
 	if err := CheckProviderName(p.Name()); err != nil {
 		return nil, err
 	}
-	e := &Envelope{provider: p, ring: ring, unwrapTimeout: 30 * time.Second}
+	e := &Envelope{provider: p, ring: ring, unwrapTimeout: 30 * time.Second, usageLimit: MaxEncryptionsPerKey / 2}
+	e.auth, _ = p.(Authenticator)
 	for _, opt := range opts {
 		if err := opt(e); err != nil {
 			return nil, err
@@ -153,31 +212,51 @@ type Stats struct {
 	CacheHits uint64
 	// CacheMisses counts decryptions whose KEK was not in memory, and so needed the provider (or failed).
 	CacheMisses uint64
+	// ActiveKeyEncryptions counts the messages the active KEK encrypted in this process.
+	ActiveKeyEncryptions uint64
+	// KeyUsageLimit is the most messages one KEK encrypts in this process (see [WithKeyUsageLimit]).
+	KeyUsageLimit uint64
 }
 
 // Stats returns the counters of e.
 func (e *Envelope) Stats() Stats {
-	return Stats{CacheHits: e.hits.Load(), CacheMisses: e.misses.Load()}
+	return Stats{CacheHits: e.hits.Load(), CacheMisses: e.misses.Load(),
+		ActiveKeyEncryptions: e.active.Load().kek.uses.Load(), KeyUsageLimit: e.usageLimit}
 }
 
 // Encrypt encrypts plaintext with the active KEK (AES-256-GCM, random nonce). associatedData is authenticated
-// but not encrypted; Decrypt needs the same. The result carries the wrapped KEK in [Ciphertext.WrappedKey].
-// Encrypt never calls the provider.
+// but not encrypted; Decrypt needs the same. The result carries the attached key (the wrapped KEK and its proof)
+// in [Ciphertext.WrappedKey] when the provider is an [Authenticator]. Encrypt never calls the provider.
+//
+// One KEK encrypts at most [MaxEncryptionsPerKey] messages safely; past the Envelope's limit (see
+// [WithKeyUsageLimit]) Encrypt fails with an error wrapping [ErrKeyExhausted] until [Envelope.Rotate].
 func (e *Envelope) Encrypt(ctx context.Context, plaintext, associatedData []byte) (*Ciphertext, error) {
 	if len(plaintext) > MaxPlaintextSize {
 		return nil, fmt.Errorf("kleidi: encrypt: plaintext of %d bytes: %w (max %d)", len(plaintext), ErrTooLarge, MaxPlaintextSize)
 	}
+	if e.closed.Load() {
+		return nil, fmt.Errorf("kleidi: encrypt: %w", ErrClosed)
+	}
 	act := e.active.Load()
-	return &Ciphertext{raw: act.kek.seal(plaintext, associatedData), keyIDLen: len(act.kek.id), WrappedKey: act.wrapped}, nil
+	if n := act.kek.uses.Add(1); n > e.usageLimit {
+		act.kek.uses.Add(^uint64(0))
+		return nil, fmt.Errorf("kleidi: encrypt: key %s: %w after %d messages: rotate", act.kek.id, ErrKeyExhausted, e.usageLimit)
+	}
+	return &Ciphertext{raw: act.kek.seal(plaintext, associatedData), keyIDLen: len(act.kek.id), WrappedKey: act.attached}, nil
 }
 
 // Decrypt authenticates and decrypts c with the KEK it names. A KEK not yet used in this process is unwrapped
-// through the provider once: from the keyring, or else from c.WrappedKey, which is refused with [ErrKeyMismatch]
-// unless it unwraps to the key c names. A key found in neither gives [ErrUnknownKey]; altered data or
-// associated data gives [ErrDecrypt].
+// through the provider once: from the keyring, or else from c.WrappedKey, the attached key, whose proof must
+// verify (else [ErrUnauthenticated], and the provider is not called) and which must unwrap to the key c names
+// (else [ErrKeyMismatch]). Attached keys of format version 1, which carried no proof, are never unwrapped: a
+// ciphertext that has one decrypts only while its KEK is in the keyring. A key found in neither gives
+// [ErrUnknownKey]; altered data or associated data gives [ErrDecrypt].
 func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []byte) ([]byte, error) {
 	if c == nil || len(c.raw) == 0 {
 		return nil, fmt.Errorf("kleidi: decrypt: %w: empty", ErrInvalidCiphertext)
+	}
+	if e.closed.Load() {
+		return nil, fmt.Errorf("kleidi: decrypt: %w", ErrClosed)
 	}
 	k := (*e.keys.Load())[string(c.keyIDBytes())]
 	if k != nil {
@@ -196,27 +275,70 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 	return plaintext, nil
 }
 
-// kek unwraps KEK id, not yet in use in this process, from the keyring's copies or else the attached one.
+// kek unwraps KEK id, not yet in memory, from the keyring's copies or else from the attached key.
 func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, error) {
-	var blobs [][]byte
 	if r, ok := (*e.records.Load())[id]; ok {
-		blobs = wrappedBlobs(r, e.provider.Name())
+		blobs, err := ownCopies(ctx, r, e.provider.Name(), e.auth)
+		if err != nil {
+			return nil, err
+		}
+		return e.unwrapShared(ctx, id, blobs, false)
 	}
-	if len(attached) > 0 {
-		blobs = append(blobs, attached)
-	}
-	if len(blobs) == 0 {
+	if len(attached) == 0 {
 		return nil, fmt.Errorf("%w: %s", ErrUnknownKey, id)
 	}
-	return e.unwrapShared(ctx, id, blobs)
+	if e.auth == nil {
+		return nil, fmt.Errorf("%w: %s is not in the keyring, and provider %s cannot authenticate the attached key",
+			ErrUnknownKey, id, e.provider.Name())
+	}
+	blob, proof, err := parseAttachedKey(attached)
+	if err != nil {
+		return nil, fmt.Errorf("key %s: %w", id, err)
+	}
+	if err := e.auth.Verify(ctx, proofMessage(id, e.provider.Name(), blob), proof); err != nil {
+		return nil, fmt.Errorf("key %s: attached key: %w", id, err)
+	}
+	return e.unwrapShared(ctx, id, [][]byte{blob}, true)
 }
 
-// unwrapShared unwraps KEK id from blobs; concurrent calls for the same id share one unwrap.
-func (e *Envelope) unwrapShared(ctx context.Context, id string, blobs [][]byte) (*kek, error) {
+// ownCopies returns the blobs of r's copies wrapped by root, after checking the proof of each copy that has one
+// with auth (a copy without one is trusted: it comes from the keyring file). A copy whose proof fails is skipped;
+// with no copy left, the error says why.
+func ownCopies(ctx context.Context, r KeyRecord, root string, auth Authenticator) ([][]byte, error) {
+	var blobs [][]byte
+	var errs []error
+	for _, w := range r.Wrapped {
+		if w.Root != root {
+			continue
+		}
+		if auth != nil && w.Proof != nil {
+			if err := auth.Verify(ctx, proofMessage(r.ID, root, w.Blob), w.Proof); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+		}
+		blobs = append(blobs, w.Blob)
+	}
+	if len(blobs) == 0 {
+		if len(errs) > 0 {
+			return nil, fmt.Errorf("key %s: keyring copy: %w", r.ID, errors.Join(errs...))
+		}
+		return nil, fmt.Errorf("key %s: %w: the keyring holds no copy wrapped by root %s", r.ID, ErrUnwrap, root)
+	}
+	return blobs, nil
+}
+
+// unwrapShared unwraps KEK id from blobs, unless the same unwrap failed a moment ago; concurrent calls for the
+// same id share one unwrap. attached says the blobs came from an attached key, not the keyring.
+func (e *Envelope) unwrapShared(ctx context.Context, id string, blobs [][]byte, attached bool) (*kek, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	ch := e.flight.DoChan(id, func() (any, error) { return e.unwrap(ctx, id, blobs) })
+	key := failureKey(id, blobs)
+	if err := e.failures.get(key); err != nil {
+		return nil, err
+	}
+	ch := e.flight.DoChan(id, func() (any, error) { return e.unwrap(ctx, id, blobs, attached, key) })
 	select {
 	case res := <-ch:
 		if res.Err != nil {
@@ -228,37 +350,42 @@ func (e *Envelope) unwrapShared(ctx context.Context, id string, blobs [][]byte) 
 	}
 }
 
-// wrappedBlobs returns the wrapped copies of r, those of the root named first first.
-func wrappedBlobs(r KeyRecord, first string) [][]byte {
-	blobs := make([][]byte, 0, len(r.Wrapped))
-	for _, w := range r.Wrapped {
-		if w.Root == first {
-			blobs = append([][]byte{w.Blob}, blobs...)
-		} else {
-			blobs = append(blobs, w.Blob)
-		}
-	}
-	return blobs
-}
-
-// unwrap recovers KEK id from the first of blobs that unwraps to it, and caches it.
-func (e *Envelope) unwrap(ctx context.Context, id string, blobs [][]byte) (*kek, error) {
+// unwrap recovers KEK id from the first of blobs that unwraps to it, and caches it. It runs in a flight of
+// e.flight, on a goroutine no caller's recover covers: a panic of the provider becomes this unwrap's error.
+func (e *Envelope) unwrap(ctx context.Context, id string, blobs [][]byte, attached bool, failure [32]byte) (k *kek, err error) {
 	if k := (*e.keys.Load())[id]; k != nil {
 		return k, nil // another flight finished between the caller's lookup and this one
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), e.unwrapTimeout)
 	defer cancel()
 	start := time.Now()
-	k, err := e.unwrapFirst(ctx, id, blobs)
-	e.keyEvent("unwrap", id, false, err, start)
-	return k, err
+	defer func() {
+		if r := recover(); r != nil {
+			// The panic value may hold what the provider was parsing: it is not part of the error.
+			k, err = nil, fmt.Errorf("unwrap key %s: provider %s panicked", id, e.provider.Name())
+		}
+		if err != nil {
+			e.failures.put(failure, err)
+		}
+		e.keyEvent("unwrap", id, false, err, start)
+	}()
+	raw, err := unwrapKey(ctx, e.provider, id, blobs)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(raw)
+	if k, err = newKEK(id, raw); err != nil {
+		return nil, fmt.Errorf("key %s: %w", id, err)
+	}
+	e.cache(k, attached)
+	return k, nil
 }
 
-// unwrapFirst recovers KEK id from the first of blobs that unwraps to it, and caches it.
-func (e *Envelope) unwrapFirst(ctx context.Context, id string, blobs [][]byte) (*kek, error) {
+// unwrapKey returns KEK id from the first of blobs that p unwraps to it. The caller zeroes the key.
+func unwrapKey(ctx context.Context, p Provider, id string, blobs [][]byte) ([]byte, error) {
 	var errs []error
 	for _, blob := range blobs {
-		key, err := e.provider.Unwrap(ctx, blob)
+		key, err := p.Unwrap(ctx, blob)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -268,23 +395,63 @@ func (e *Envelope) unwrapFirst(ctx context.Context, id string, blobs [][]byte) (
 			errs = append(errs, fmt.Errorf("%w: %s", ErrKeyMismatch, id))
 			continue
 		}
-		k, err := newKEK(id, key)
-		clear(key)
-		if err != nil {
-			return nil, fmt.Errorf("key %s: %w", id, err)
-		}
-		e.cache(k)
-		return k, nil
+		return key, nil
 	}
 	return nil, fmt.Errorf("unwrap key %s: %w", id, errors.Join(errs...))
 }
 
-func (e *Envelope) cache(k *kek) {
+// cache keeps k in memory. A KEK recovered from an attached key joins the bounded set of such keys, whose oldest
+// is dropped unless the keyring or the active key has it.
+func (e *Envelope) cache(k *kek, attached bool) {
 	e.writeMu.Lock()
 	defer e.writeMu.Unlock()
+	if e.closed.Load() {
+		return
+	}
 	keys := maps.Clone(*e.keys.Load())
 	keys[k.id] = k
+	if attached {
+		e.attached = append(e.attached, k.id)
+		records, act := *e.records.Load(), e.active.Load()
+		for len(e.attached) > maxAttachedKeys {
+			old := e.attached[0]
+			e.attached = e.attached[1:]
+			if _, inRing := records[old]; !inRing && (act == nil || act.kek.id != old) {
+				delete(keys, old)
+			}
+		}
+	}
 	e.keys.Store(&keys)
+}
+
+// wrapCopy wraps key, KEK id, with p and proves the copy with p if p is an [Authenticator].
+func wrapCopy(ctx context.Context, p Provider, id string, key []byte) (WrappedKey, error) {
+	blob, err := p.Wrap(ctx, key)
+	if err != nil {
+		return WrappedKey{}, fmt.Errorf("wrap: %w", err)
+	}
+	if len(blob) == 0 || len(blob) > MaxWrappedKeySize {
+		return WrappedKey{}, fmt.Errorf("provider %s returned a wrapped key of %d bytes", p.Name(), len(blob))
+	}
+	w := WrappedKey{Root: p.Name(), Blob: blob}
+	if auth, ok := p.(Authenticator); ok {
+		if w.Proof, err = prove(ctx, auth, p.Name(), id, blob); err != nil {
+			return WrappedKey{}, err
+		}
+	}
+	return w, nil
+}
+
+// prove returns auth's proof of a copy of KEK id wrapped by root.
+func prove(ctx context.Context, auth Authenticator, root, id string, blob []byte) ([]byte, error) {
+	proof, err := auth.Prove(ctx, proofMessage(id, root, blob))
+	if err != nil {
+		return nil, fmt.Errorf("prove: %w", err)
+	}
+	if len(proof) == 0 || len(proof) > MaxProofSize {
+		return nil, fmt.Errorf("provider %s returned a proof of %d bytes", root, len(proof))
+	}
+	return proof, nil
 }
 
 // Rotate generates a new random KEK, wraps it with the provider, stores it in the keyring as the active key
@@ -293,6 +460,9 @@ func (e *Envelope) cache(k *kek) {
 func (e *Envelope) Rotate(ctx context.Context) (id string, err error) {
 	e.ringMu.Lock()
 	defer e.ringMu.Unlock()
+	if e.closed.Load() {
+		return "", fmt.Errorf("kleidi: rotate: %w", ErrClosed)
+	}
 	start := time.Now()
 	defer func() { e.keyEvent("rotate", id, true, err, start) }()
 	key := make([]byte, KeySize)
@@ -305,12 +475,9 @@ func (e *Envelope) Rotate(ctx context.Context) (id string, err error) {
 	if err != nil {
 		return "", fmt.Errorf("kleidi: rotate: %w", err)
 	}
-	blob, err := e.provider.Wrap(ctx, key)
+	w, err := wrapCopy(ctx, e.provider, id, key)
 	if err != nil {
-		return "", fmt.Errorf("kleidi: rotate: wrap: %w", err)
-	}
-	if len(blob) == 0 || len(blob) > MaxWrappedKeySize {
-		return "", fmt.Errorf("kleidi: rotate: provider %s returned a wrapped key of %d bytes", e.provider.Name(), len(blob))
+		return "", fmt.Errorf("kleidi: rotate: %w", err)
 	}
 	records, err := e.ring.Update(ctx, func(records []KeyRecord) ([]KeyRecord, error) {
 		for i := range records {
@@ -323,13 +490,13 @@ func (e *Envelope) Rotate(ctx context.Context) (id string, err error) {
 			ID:      id,
 			Created: time.Now().UTC().Truncate(time.Second),
 			State:   KeyActive,
-			Wrapped: []WrappedKey{{Root: e.provider.Name(), Blob: blob}},
+			Wrapped: []WrappedKey{w},
 		}), nil
 	})
 	if err != nil {
 		return "", fmt.Errorf("kleidi: rotate: %w", err)
 	}
-	e.cache(k)
+	e.cache(k, false)
 	if err := e.apply(ctx, records); err != nil {
 		return "", fmt.Errorf("kleidi: rotate: %w", err)
 	}
@@ -338,10 +505,14 @@ func (e *Envelope) Rotate(ctx context.Context) (id string, err error) {
 
 // Reload reads the keyring again and switches to its active KEK, for a keyring that another process (a rotate
 // command) changed. The new active KEK is unwrapped before the switch, so [Envelope.KeyID] and
-// [Envelope.Encrypt] change together, and on error nothing changes.
+// [Envelope.Encrypt] change together, and on error nothing changes. An Envelope never reloads by itself: a
+// program whose keyring other processes rotate calls Reload (the KMS v2 server does so every few seconds).
 func (e *Envelope) Reload(ctx context.Context) (err error) {
 	e.ringMu.Lock()
 	defer e.ringMu.Unlock()
+	if e.closed.Load() {
+		return fmt.Errorf("kleidi: reload keyring: %w", ErrClosed)
+	}
 	start, before := time.Now(), e.KeyID()
 	defer func() { e.keyEvent("reload", e.KeyID(), e.KeyID() != before, err, start) }()
 	records, err := e.ring.Load(ctx)
@@ -365,71 +536,185 @@ func (e *Envelope) apply(ctx context.Context, records []KeyRecord) error {
 			active = r
 		}
 	}
-	blobs := wrappedBlobs(active, e.provider.Name())
+	root := e.provider.Name()
+	blobs, err := ownCopies(ctx, active, root, e.auth)
+	if err != nil {
+		return fmt.Errorf("kleidi: active key: %w", err)
+	}
 	k := (*e.keys.Load())[active.ID]
 	if k == nil {
-		var err error
-		if k, err = e.unwrapShared(ctx, active.ID, blobs); err != nil {
+		if k, err = e.unwrapShared(ctx, active.ID, blobs, false); err != nil {
 			return fmt.Errorf("kleidi: active key: %w", err)
 		}
 	}
+	var attached []byte
+	if e.auth != nil {
+		proof := ownProof(active, root, blobs[0])
+		if proof == nil { // a copy from a keyring written before proofs: trusted, as the file is
+			if proof, err = prove(ctx, e.auth, root, active.ID, blobs[0]); err != nil {
+				return fmt.Errorf("kleidi: active key %s: %w", active.ID, err)
+			}
+		}
+		attached = encodeAttachedKey(blobs[0], proof)
+	}
 	e.records.Store(&byID)
-	e.active.Store(&activeKey{kek: k, wrapped: blobs[0]})
+	e.active.Store(&activeKey{kek: k, attached: attached})
 	return nil
 }
 
-// Rewrap wraps every KEK of the keyring again with the provider and replaces the copy of the provider's root,
-// keeping every key ID. Use it after a change of the root of trust that keeps its name, such as adding an
-// OpenPGP recipient: each KEK is unwrapped with the old configuration's copy and wrapped for the new one.
-func (e *Envelope) Rewrap(ctx context.Context) (err error) {
+// ownProof returns the proof of r's copy of root whose blob is blob, or nil.
+func ownProof(r KeyRecord, root string, blob []byte) []byte {
+	for _, w := range r.Wrapped {
+		if w.Root == root && bytes.Equal(w.Blob, blob) {
+			return w.Proof
+		}
+	}
+	return nil
+}
+
+// Close forgets every KEK of e: later calls fail with an error wrapping [ErrClosed]. The Envelope never keeps a
+// KEK's bytes (they are zeroed once its cipher is made); Close drops the ciphers, whose AES key schedules Go's
+// crypto/cipher gives no way to zero, to the garbage collector. Close does not close the provider. It is
+// idempotent.
+func (e *Envelope) Close() error {
 	e.ringMu.Lock()
 	defer e.ringMu.Unlock()
-	start := time.Now()
-	defer func() { e.keyEvent("rewrap", e.KeyID(), false, err, start) }()
-	records, err := e.ring.Load(ctx)
+	e.writeMu.Lock()
+	defer e.writeMu.Unlock()
+	if e.closed.Swap(true) {
+		return nil
+	}
+	e.keys.Store(&map[string]*kek{})
+	e.attached = nil
+	e.failures.reset()
+	return nil
+}
+
+// Rewrap wraps every KEK of ring again, for a change of root or of its configuration that keeps every key ID:
+// each KEK is unwrapped through from (from a copy of root from.Name(), whose proof, if it has one, must verify
+// with from) and wrapped and proved by to, whose copy replaces any copy of root to.Name(). Uses:
+//   - an OpenPGP recipient added: from and to may be the same provider, configured with the new recipients;
+//   - a TPM policy change (PCRs before a firmware update): from with the old policy, to with the new one;
+//   - a new root beside the old one (from a gpg provider to a tpm provider): the old copies stay.
+//
+// Removing a recipient this way revokes nothing: every ciphertext stored before still carries a copy for it.
+// Rotate instead, and re-encrypt the data. A running Envelope sees the new copies at its next [Envelope.Reload].
+func Rewrap(ctx context.Context, ring Keyring, from, to Provider) error {
+	if from == nil || to == nil || ring == nil {
+		return errors.New("kleidi: Rewrap needs a keyring and two providers")
+	}
+	fromAuth, _ := from.(Authenticator)
+	records, err := ring.Load(ctx)
 	if err != nil {
 		return fmt.Errorf("kleidi: rewrap: %w", err)
 	}
-	root := e.provider.Name()
-	rewrapped := make(map[string][]byte, len(records))
+	rewrapped := make(map[string]WrappedKey, len(records))
 	for _, r := range records {
-		blob, err := e.rewrapOne(ctx, r)
+		blobs, err := ownCopies(ctx, r, from.Name(), fromAuth)
+		if err != nil {
+			return fmt.Errorf("kleidi: rewrap: %w", err)
+		}
+		key, err := unwrapKey(ctx, from, r.ID, blobs)
+		if err != nil {
+			return fmt.Errorf("kleidi: rewrap: %w", err)
+		}
+		w, err := wrapCopy(ctx, to, r.ID, key)
+		clear(key)
 		if err != nil {
 			return fmt.Errorf("kleidi: rewrap key %s: %w", r.ID, err)
 		}
-		rewrapped[r.ID] = blob
+		rewrapped[r.ID] = w
 	}
-	records, err = e.ring.Update(ctx, func(records []KeyRecord) ([]KeyRecord, error) {
+	_, err = ring.Update(ctx, func(records []KeyRecord) ([]KeyRecord, error) {
 		for i, r := range records {
-			blob, ok := rewrapped[r.ID]
+			w, ok := rewrapped[r.ID]
 			if !ok {
 				continue // added by another process meanwhile: already wrapped by its root
 			}
-			copies := slices.DeleteFunc(slices.Clone(r.Wrapped), func(w WrappedKey) bool { return w.Root == root })
-			records[i].Wrapped = append([]WrappedKey{{Root: root, Blob: blob}}, copies...)
+			copies := slices.DeleteFunc(slices.Clone(r.Wrapped), func(c WrappedKey) bool { return c.Root == w.Root })
+			records[i].Wrapped = append([]WrappedKey{w}, copies...)
 		}
 		return records, nil
 	})
 	if err != nil {
 		return fmt.Errorf("kleidi: rewrap: %w", err)
 	}
-	return e.apply(ctx, records)
+	return nil
 }
 
-// rewrapOne unwraps one KEK through the provider and wraps it again.
-func (e *Envelope) rewrapOne(ctx context.Context, r KeyRecord) ([]byte, error) {
-	var errs []error
-	for _, blob := range wrappedBlobs(r, e.provider.Name()) {
-		key, err := e.provider.Unwrap(ctx, blob)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		defer clear(key)
-		if !matchesKeyID(r.ID, key) {
-			return nil, ErrKeyMismatch
-		}
-		return e.provider.Wrap(ctx, key)
+// Rewrap wraps every KEK of e's keyring again with e's provider: [Rewrap] from and to the same provider, then
+// [Envelope.Reload].
+//
+// Deprecated: use [Rewrap], which also moves keys between two configurations of a root.
+func (e *Envelope) Rewrap(ctx context.Context) error {
+	if err := Rewrap(ctx, e.ring, e.provider, e.provider); err != nil {
+		return err
 	}
-	return nil, errors.Join(errs...)
+	return e.Reload(ctx)
+}
+
+// failureCache remembers failed unwraps for [failureTTL] ([outageTTL] for an outage), at most [maxFailures] of them, so that a request
+// repeated in a flood costs no call to the root of trust.
+type failureCache struct {
+	mu sync.Mutex
+	m  map[[32]byte]failure
+}
+
+type failure struct {
+	err   error
+	until time.Time
+}
+
+// failureKey identifies an unwrap: the key ID and every blob tried.
+func failureKey(id string, blobs [][]byte) [32]byte {
+	h := sha256.New()
+	h.Write([]byte(id))
+	for _, b := range blobs {
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+		h.Write(n[:])
+		h.Write(b)
+	}
+	return [32]byte(h.Sum(nil))
+}
+
+func (c *failureCache) get(key [32]byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f, ok := c.m[key]
+	if !ok {
+		return nil
+	}
+	if time.Now().After(f.until) {
+		delete(c.m, key)
+		return nil
+	}
+	return f.err
+}
+
+func (c *failureCache) put(key [32]byte, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = make(map[[32]byte]failure)
+	}
+	now := time.Now()
+	if len(c.m) >= maxFailures {
+		for k, f := range c.m {
+			if now.After(f.until) || len(c.m) >= maxFailures {
+				delete(c.m, k) // expired ones first; then any, as the map's order gives them
+			}
+		}
+	}
+	ttl := failureTTL
+	if errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		ttl = outageTTL
+	}
+	c.m[key] = failure{err: err, until: now.Add(ttl)}
+}
+
+func (c *failureCache) reset() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.m = nil
 }

@@ -4,37 +4,99 @@ import (
 	"bytes"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"os"
 	"testing"
 	"time"
 )
 
-// goldenKeyring pins keyring file format version 1.
-const goldenKeyring = "testdata/keyring-v1.json"
+// goldenKeyringV1 is a keyring of format version 1 (no proofs), which stays readable; goldenKeyring pins the
+// current format, version 2.
+const (
+	goldenKeyringV1 = "testdata/keyring-v1.json"
+	goldenKeyring   = "testdata/keyring-v2.json"
+)
+
+// goldenRecords are the records of both golden keyrings; version 2 adds the proofs.
+func goldenRecords(withProofs bool) []KeyRecord {
+	proof := func(s string) []byte {
+		if withProofs {
+			return []byte(s)
+		}
+		return nil
+	}
+	return []KeyRecord{
+		{ID: "kleidi-tpm-msxvg7mdtppselux3dk6numrshf5v5ny", Created: time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC), State: KeyRetired,
+			Wrapped: []WrappedKey{{Root: "tpm", Blob: []byte("wrapped by a tpm"), Proof: proof("proved by the tpm")}}},
+		{ID: keyIDFor("gpg", bytes.Repeat([]byte{2}, KeySize)), Created: time.Date(2026, 11, 20, 8, 30, 0, 0, time.UTC), State: KeyActive,
+			Wrapped: []WrappedKey{{Root: "gpg", Blob: []byte("wrapped by gpg"), Proof: proof("signed by gpg")}, {Root: "tpm", Blob: []byte("and by a tpm")}}},
+	}
+}
 
 func TestGoldenKeyring(t *testing.T) {
+	for file, withProofs := range map[string]bool{goldenKeyringV1: false, goldenKeyring: true} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		records, err := parseKeyring(b)
+		if err != nil {
+			t.Fatalf("parseKeyring(%s) err = %v, want nil", file, err)
+		}
+		got, _ := json.Marshal(records)
+		wantJSON, _ := json.Marshal(goldenRecords(withProofs))
+		if !bytes.Equal(got, wantJSON) {
+			t.Errorf("parseKeyring(%s) = %s, want %s", file, got, wantJSON)
+		}
+	}
 	b, err := os.ReadFile(goldenKeyring)
 	if err != nil {
 		t.Fatal(err)
 	}
-	records, err := parseKeyring(b)
-	if err != nil {
-		t.Fatalf("parseKeyring(%s) err = %v, want nil", goldenKeyring, err)
+	if enc, err := encodeKeyring(goldenRecords(true)); err != nil || !bytes.Equal(enc, b) {
+		t.Errorf("encodeKeyring(golden records) differs from %s (err %v):\n%s", goldenKeyring, err, enc)
 	}
-	want := []KeyRecord{
-		{ID: "kleidi-tpm-msxvg7mdtppselux3dk6numrshf5v5ny", Created: time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC), State: KeyRetired,
-			Wrapped: []WrappedKey{{Root: "tpm", Blob: []byte("wrapped by a tpm")}}},
-		{ID: keyIDFor("gpg", bytes.Repeat([]byte{2}, KeySize)), Created: time.Date(2026, 11, 20, 8, 30, 0, 0, time.UTC), State: KeyActive,
-			Wrapped: []WrappedKey{{Root: "gpg", Blob: []byte("wrapped by gpg")}, {Root: "tpm", Blob: []byte("and by a tpm")}}},
+}
+
+// TestGoldenAttachedKey pins the attached key format, version 2, and the message its proof covers.
+func TestGoldenAttachedKey(t *testing.T) {
+	id := keyIDFor("gpg", bytes.Repeat([]byte{2}, KeySize))
+	blob, proof := []byte("wrapped by gpg"), []byte("signed by gpg")
+	const wantAttached = "7702000d7369676e6564206279206770677772617070656420627920677067" // 'w', 2, 13, proof, blob
+	if got := hex.EncodeToString(encodeAttachedKey(blob, proof)); got != wantAttached {
+		t.Errorf("encodeAttachedKey(blob, proof) = %s, want %s", got, wantAttached)
 	}
-	got, _ := json.Marshal(records)
-	wantJSON, _ := json.Marshal(want)
-	if !bytes.Equal(got, wantJSON) {
-		t.Errorf("parseKeyring(%s) = %s, want %s", goldenKeyring, got, wantJSON)
+	a, _ := hex.DecodeString(wantAttached)
+	gotBlob, gotProof, err := parseAttachedKey(a)
+	if err != nil || !bytes.Equal(gotBlob, blob) || !bytes.Equal(gotProof, proof) {
+		t.Errorf("parseAttachedKey(golden) = %q, %q, %v; want %q, %q, nil", gotBlob, gotProof, err, blob, proof)
 	}
-	if enc, err := encodeKeyring(records); err != nil || !bytes.Equal(enc, b) {
-		t.Errorf("encodeKeyring(parseKeyring(golden)) differs from the golden file (err %v):\n%s", err, enc)
+	wantMessage := "kleidi wrapped key v2\x00" + id + "\x00gpg\x00wrapped by gpg"
+	if got := string(proofMessage(id, "gpg", blob)); got != wantMessage {
+		t.Errorf("proofMessage(id, gpg, blob) = %q, want %q", got, wantMessage)
 	}
+}
+
+func FuzzParseAttachedKey(f *testing.F) {
+	f.Add(encodeAttachedKey([]byte("blob"), []byte("proof")))
+	f.Add([]byte{'w', 2, 0, 1, 'p'})
+	f.Add([]byte{'w', 2, 0xff, 0xff})
+	f.Add([]byte("KTPM"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		blob, proof, err := parseAttachedKey(b)
+		if err != nil {
+			if !errors.Is(err, ErrUnauthenticated) {
+				t.Errorf("parseAttachedKey(b) err = %v, want an error wrapping ErrUnauthenticated", err)
+			}
+			return
+		}
+		if len(proof) == 0 || len(proof) > MaxProofSize || len(blob) == 0 || len(blob) > MaxWrappedKeySize {
+			t.Errorf("parseAttachedKey(b) = %d-byte blob, %d-byte proof: out of bounds", len(blob), len(proof))
+		}
+		if !bytes.Equal(encodeAttachedKey(blob, proof), b) {
+			t.Errorf("encodeAttachedKey(parseAttachedKey(b)) != b")
+		}
+	})
 }
 
 func goldenCiphertexts(f *testing.F) [][]byte {
@@ -74,11 +136,13 @@ func FuzzParseCiphertext(f *testing.F) {
 }
 
 func FuzzParseKeyring(f *testing.F) {
-	b, err := os.ReadFile(goldenKeyring)
-	if err != nil {
-		f.Fatal(err)
+	for _, file := range []string{goldenKeyringV1, goldenKeyring} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
 	}
-	f.Add(b)
 	f.Add([]byte(`{"format":"kleidi-keyring","version":1,"keys":[]}`))
 	f.Add([]byte(`{"format":"kleidi-keyring","version":2}`))
 	f.Fuzz(func(t *testing.T, b []byte) {

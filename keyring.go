@@ -39,6 +39,9 @@ type WrappedKey struct {
 	Root string `json:"root"`
 	// Blob is what [Provider.Wrap] returned.
 	Blob []byte `json:"blob"`
+	// Proof is what [Authenticator.Prove] of the root returned over the copy (see [Envelope]), or nil for a copy
+	// made by a root that is not an Authenticator or by a version of kleidi before proofs (keyring version 1).
+	Proof []byte `json:"proof,omitempty"`
 }
 
 // Keyring stores the list of wrapped KEKs. It holds nothing secret. Implementations are safe for concurrent
@@ -55,7 +58,7 @@ type Keyring interface {
 // Keyring file format.
 const (
 	keyringFormat  = "kleidi-keyring"
-	keyringVersion = 1
+	keyringVersion = 2 // 2 added WrappedKey.Proof; version 1 files are read
 	// maxKeyringSize bounds what is read from a keyring file.
 	maxKeyringSize = 16 << 20
 	// maxKeyRecords bounds the number of KEKs in a keyring: daily rotation for ten years.
@@ -101,7 +104,7 @@ func parseKeyring(b []byte) ([]KeyRecord, error) {
 	if head.Format != keyringFormat {
 		return nil, fmt.Errorf("%w: format %q, want %q", ErrInvalidKeyring, head.Format, keyringFormat)
 	}
-	if head.Version != keyringVersion {
+	if head.Version != 1 && head.Version != keyringVersion {
 		return nil, fmt.Errorf("%w: unsupported version %d, want %d", ErrInvalidKeyring, head.Version, keyringVersion)
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
@@ -158,6 +161,9 @@ func checkRecords(records []KeyRecord) error {
 			roots[w.Root] = true
 			if len(w.Blob) == 0 || len(w.Blob) > MaxWrappedKeySize {
 				return invalid("key %s: wrapped copy of %d bytes, want 1 to %d", r.ID, len(w.Blob), MaxWrappedKeySize)
+			}
+			if len(w.Proof) > MaxProofSize {
+				return invalid("key %s: proof of %d bytes, want at most %d", r.ID, len(w.Proof), MaxProofSize)
 			}
 		}
 	}

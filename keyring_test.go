@@ -51,7 +51,7 @@ func TestCorruptKeyringIsRefusedAndUntouched(t *testing.T) {
 		"truncated":    good[:len(good)/2],
 		"one byte":     good[:1],
 		"garbage":      []byte("\x00\x01not a keyring"),
-		"newer":        bytes.Replace(good, []byte(`"version": 1`), []byte(`"version": 2`), 1),
+		"newer":        bytes.Replace(good, []byte(`"version": 2`), []byte(`"version": 3`), 1),
 		"other format": bytes.Replace(good, []byte(`"kleidi-keyring"`), []byte(`"other"`), 1),
 		"no active":    bytes.Replace(good, []byte(`"active"`), []byte(`"retired"`), 1),
 		"bad state":    bytes.Replace(good, []byte(`"active"`), []byte(`"paused"`), 1),

@@ -44,6 +44,8 @@ var (
 	ErrUnavailable = errors.New("kleidi: root of trust unavailable")
 	// ErrInvalidKeyring means a keyring is truncated, corrupt or of a version this package does not know.
 	ErrInvalidKeyring = errors.New("kleidi: invalid keyring")
+	// ErrKeyExhausted means a KEK encrypted as many messages as it safely can (see [MaxEncryptionsPerKey]).
+	ErrKeyExhausted = errors.New("kleidi: key usage limit reached")
 	// ErrTooLarge means an input exceeds a limit of this package.
 	ErrTooLarge = errors.New("kleidi: input too large")
 	// ErrClosed means the provider or the Envelope was closed.
@@ -52,7 +54,7 @@ var (
 
 // ErrorKind names the class of err for audit records and metric labels, from a small fixed set: "ok" (nil),
 // "invalid_ciphertext", "decrypt_failed", "unknown_key", "key_mismatch", "unauthenticated", "unwrap_refused", "unavailable",
-// "invalid_keyring", "too_large", "closed", "canceled", "deadline_exceeded" or "error". It never returns the
+// "invalid_keyring", "key_exhausted", "too_large", "closed", "canceled", "deadline_exceeded" or "error". It never returns the
 // error's message.
 func ErrorKind(err error) string {
 	for _, k := range errorKinds {
@@ -78,6 +80,7 @@ var errorKinds = []struct {
 	{ErrUnwrap, "unwrap_refused"},
 	{ErrUnavailable, "unavailable"},
 	{ErrInvalidKeyring, "invalid_keyring"},
+	{ErrKeyExhausted, "key_exhausted"},
 	{ErrTooLarge, "too_large"},
 	{ErrClosed, "closed"},
 	{context.Canceled, "canceled"},

@@ -3,6 +3,8 @@ package audit_test
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,15 +29,20 @@ func TestRecordSchema(t *testing.T) {
 		ErrorType: "InvalidArgument", Duration: 1500 * time.Microsecond,
 	})
 	l.Close()
-	var got map[string]any
-	if err := json.Unmarshal(buf.Bytes(), &got); err != nil {
-		t.Fatalf("record %q is not JSON: %v", buf.String(), err)
+	lines := strings.SplitAfter(strings.TrimSuffix(buf.String(), "\n"), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("a stream with one record holds %d lines, want 3 (opening, record, checkpoint):\n%s", len(lines), buf.String())
 	}
+	var got map[string]any
+	if err := json.Unmarshal([]byte(lines[1]), &got); err != nil {
+		t.Fatalf("record %q is not JSON: %v", lines[1], err)
+	}
+	open := sha256.Sum256([]byte(lines[0]))
 	want := map[string]any{
 		"time": "2026-11-25T10:00:00Z", "event": "kms.decrypt", "request_uid": "req-1", "caller_uid": 0.0,
 		"caller_gid": 0.0, "caller_pid": 42.0, "key_id": "kleidi-tpm-x", "provider": "tpm", "outcome": "error",
 		"error_type": "InvalidArgument", "duration_us": 1500.0,
-		"prev": strings.Repeat("0", 64),
+		"prev": hex.EncodeToString(open[:]),
 	}
 	if len(got) != len(want) {
 		t.Errorf("record has keys %v, want %v", keys(got), keys(want))
@@ -45,6 +52,31 @@ func TestRecordSchema(t *testing.T) {
 			t.Errorf("record[%q] = %v, want %v", k, got[k], v)
 		}
 	}
+	for i, w := range []map[string]any{
+		{"event": "audit.open", "outcome": "ok", "records": 0.0, "prev": strings.Repeat("0", 64)},
+		{"event": "audit.checkpoint", "outcome": "ok", "records": 2.0},
+	} {
+		line := lines[2*i]
+		var r map[string]any
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatalf("line %q is not JSON: %v", line, err)
+		}
+		if _, err := time.Parse(time.RFC3339Nano, fmt.Sprint(r["time"])); err != nil || len(r) != len(w)+1+boolInt(w["prev"] == nil) {
+			t.Errorf("%s record %v: want time and %v", w["event"], r, w)
+		}
+		for k, v := range w {
+			if r[k] != v {
+				t.Errorf("%s record[%q] = %v, want %v", w["event"], k, r[k], v)
+			}
+		}
+	}
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func keys(m map[string]any) []string {
@@ -80,19 +112,23 @@ func TestHashChain(t *testing.T) {
 	}
 	old, _ := os.ReadFile(path + ".1")
 	cur, _ := os.ReadFile(path)
-	if n, err := audit.Verify(bytes.NewReader(append(old, cur...))); err != nil || n != 6 {
-		t.Errorf("audit.Verify(rotated + new) = %d, %v; want 6, nil", n, err)
+	// 1 + 5 + 1 records, then 1 + 1 + 1.
+	if r, err := audit.Verify(file("audit.log.1", old), file("audit.log", cur)); err != nil || r.Records != 10 || len(r.Notes) != 0 {
+		t.Errorf("audit.Verify(rotated, new) = %+v, %v; want 10 records, no note, nil", r, err)
 	}
 	lines := strings.SplitAfter(string(old), "\n")
-	tampered := strings.Replace(string(old), lines[2], strings.Replace(lines[2], `"c"`, `"x"`, 1), 1)
-	if _, err := audit.Verify(strings.NewReader(tampered)); err == nil || !strings.Contains(err.Error(), "line 4") {
-		t.Errorf("audit.Verify(a changed line 3) err = %v, want a broken chain at line 4", err)
+	tampered := strings.Replace(string(old), lines[3], strings.Replace(lines[3], `"c"`, `"x"`, 1), 1)
+	if _, err := audit.Verify(file("audit.log.1", []byte(tampered))); !errors.Is(err, audit.ErrTampered) || !strings.Contains(err.Error(), "line 5") {
+		t.Errorf("audit.Verify(a changed line 4) err = %v, want a tampered record at line 5", err)
 	}
-	removed := strings.Replace(string(old), lines[1], "", 1)
-	if _, err := audit.Verify(strings.NewReader(removed)); err == nil {
-		t.Errorf("audit.Verify(a removed line) err = nil, want a broken chain")
+	removed := strings.Replace(string(old), lines[2], "", 1)
+	if _, err := audit.Verify(file("audit.log.1", []byte(removed))); !errors.Is(err, audit.ErrTampered) {
+		t.Errorf("audit.Verify(a removed line) err = %v, want ErrTampered", err)
 	}
 }
+
+// file is an audit.File of b.
+func file(name string, b []byte) audit.File { return audit.File{Name: name, R: bytes.NewReader(b)} }
 
 func TestKeyEvents(t *testing.T) {
 	var buf bytes.Buffer
@@ -128,6 +164,9 @@ func TestKeyEvents(t *testing.T) {
 		var r map[string]any
 		if err := json.Unmarshal([]byte(line), &r); err != nil {
 			t.Fatal(err)
+		}
+		if strings.HasPrefix(r["event"].(string), "audit.") {
+			continue
 		}
 		events = append(events, r["event"].(string)+" "+r["outcome"].(string)+" "+r["key_id"].(string)+" "+r["provider"].(string))
 		if r["error_type"] != nil && r["error_type"] != "unwrap_refused" {
@@ -192,7 +231,8 @@ func TestConcurrentRecordsKeepTheChain(t *testing.T) {
 	}
 	l.Close()
 	b, _ := os.ReadFile(path)
-	if n, err := audit.Verify(bytes.NewReader(b)); err != nil || n != goroutines*each {
-		t.Errorf("audit.Verify(log of %d concurrent records) = %d, %v; want %d, nil", goroutines*each, n, err, goroutines*each)
+	// The Reopen of a path not moved writes no checkpoint: an opening record, the records, a checkpoint.
+	if r, err := audit.Verify(file("audit.log", b)); err != nil || r.Records != goroutines*each+2 {
+		t.Errorf("audit.Verify(log of %d concurrent records) = %+v, %v; want %d, nil", goroutines*each, r, err, goroutines*each+2)
 	}
 }

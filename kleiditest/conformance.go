@@ -24,7 +24,10 @@ import (
 // subtest. Providers returned by successive calls may share a root of trust. The suite checks a round trip of a
 // [kleidi.KeySize] key, that tampered, truncated, foreign, empty and oversized blobs are refused with an error
 // wrapping [kleidi.ErrUnwrap] and without panic, that no error carries the key, concurrent use, that a cancelled
-// context is honoured, Health, and that Close makes later calls fail with [kleidi.ErrClosed].
+// context is honoured, Health, and that Close makes later calls fail with [kleidi.ErrClosed]. For a provider that
+// is a [kleidi.Authenticator], it checks that its proofs verify, fit [kleidi.MaxProofSize], and that a proof of
+// another message, an altered, truncated, empty, oversized or random proof is refused with an error wrapping
+// [kleidi.ErrUnauthenticated].
 func TestProvider(t *testing.T, newProvider func(t *testing.T) kleidi.Provider) {
 	t.Helper()
 	run := func(name string, f func(t *testing.T, p kleidi.Provider)) {
@@ -182,6 +185,39 @@ func TestProvider(t *testing.T, newProvider func(t *testing.T) kleidi.Provider) 
 	run("Health", func(t *testing.T, p kleidi.Provider) {
 		if err := p.Health(ctx); err != nil {
 			t.Errorf("p.Health(ctx) = %v, want nil", err)
+		}
+	})
+
+	run("Authenticator", func(t *testing.T, p kleidi.Provider) {
+		auth, ok := p.(kleidi.Authenticator)
+		if !ok {
+			t.Skipf("%T is not a kleidi.Authenticator: attached keys are never unwrapped with it", p)
+		}
+		message := []byte("kleidi conformance: a wrapped key and its key ID")
+		proof, err := auth.Prove(ctx, message)
+		if err != nil {
+			t.Fatalf("p.Prove(ctx, message) err = %v, want nil", err)
+		}
+		if len(proof) == 0 || len(proof) > kleidi.MaxProofSize {
+			t.Fatalf("len(p.Prove(ctx, message)) = %d, want 1 to %d", len(proof), kleidi.MaxProofSize)
+		}
+		if err := auth.Verify(ctx, message, proof); err != nil {
+			t.Fatalf("p.Verify(ctx, message, p.Prove(message)) = %v, want nil", err)
+		}
+		random := make([]byte, len(proof))
+		rand.Read(random)
+		for name, c := range map[string]struct{ message, proof []byte }{
+			"another message": {append(bytes.Clone(message), '!'), proof},
+			"altered message": {flip(message, 0), proof},
+			"altered proof":   {message, flip(proof, len(proof)-1)},
+			"truncated proof": {message, proof[:len(proof)-1]},
+			"empty proof":     {message, nil},
+			"oversized proof": {message, make([]byte, kleidi.MaxProofSize+1)},
+			"random proof":    {message, random},
+		} {
+			if err := auth.Verify(ctx, c.message, c.proof); !errors.Is(err, kleidi.ErrUnauthenticated) {
+				t.Errorf("p.Verify(ctx, %s) = %v, want an error wrapping kleidi.ErrUnauthenticated", name, err)
+			}
 		}
 	})
 

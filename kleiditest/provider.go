@@ -8,7 +8,9 @@ import (
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -25,6 +27,8 @@ const (
 	OpWrap Op = iota
 	OpUnwrap
 	OpHealth
+	OpProve
+	OpVerify
 	numOps
 )
 
@@ -36,16 +40,22 @@ func (o Op) String() string {
 		return "unwrap"
 	case OpHealth:
 		return "health"
+	case OpProve:
+		return "prove"
+	case OpVerify:
+		return "verify"
 	}
 	return fmt.Sprintf("Op(%d)", int(o))
 }
 
 // Provider is an insecure in-memory root of trust: it wraps keys with AES-256-GCM under a random root key
-// that lives only in this process. Two Providers cannot unwrap each other's keys. It counts its calls and
+// that lives only in this process, and proves messages with HMAC-SHA256 under a key derived from it (it is a
+// [kleidi.Authenticator]). Two Providers cannot unwrap or verify each other's keys. It counts its calls and
 // can be told to fail or to be slow.
 type Provider struct {
-	name  string
-	aead  cipher.AEAD
+	name     string
+	aead     cipher.AEAD
+	proofKey []byte
 	calls [numOps]atomic.Int64
 
 	mu      sync.Mutex
@@ -54,7 +64,10 @@ type Provider struct {
 	closed  bool
 }
 
-var _ kleidi.Provider = (*Provider)(nil)
+var (
+	_ kleidi.Provider      = (*Provider)(nil)
+	_ kleidi.Authenticator = (*Provider)(nil)
+)
 
 // NewInsecureProvider returns a Provider named "insecure" with a fresh random root key.
 func NewInsecureProvider() *Provider {
@@ -76,7 +89,9 @@ func NewInsecureProviderWithRoot(root []byte) *Provider {
 	if err != nil {
 		panic(err)
 	}
-	return &Provider{name: "insecure", aead: aead}
+	mac := hmac.New(sha256.New, root)
+	mac.Write([]byte("kleiditest proof key"))
+	return &Provider{name: "insecure", aead: aead, proofKey: mac.Sum(nil)}
 }
 
 // Calls returns how many times op was called, failed calls included.
@@ -164,4 +179,28 @@ func (p *Provider) Close() error {
 	defer p.mu.Unlock()
 	p.closed = true
 	return nil
+}
+
+// Prove returns HMAC-SHA256 of message under the provider's proof key.
+func (p *Provider) Prove(ctx context.Context, message []byte) ([]byte, error) {
+	if err := p.enter(ctx, OpProve); err != nil {
+		return nil, err
+	}
+	return p.mac(message), nil
+}
+
+// Verify checks a proof made by Prove of this Provider. It never waits for an injected latency or fails with
+// an injected error: verifying is local.
+func (p *Provider) Verify(ctx context.Context, message, proof []byte) error {
+	p.calls[OpVerify].Add(1)
+	if !hmac.Equal(p.mac(message), proof) {
+		return fmt.Errorf("kleiditest: verify: %w", kleidi.ErrUnauthenticated)
+	}
+	return nil
+}
+
+func (p *Provider) mac(message []byte) []byte {
+	m := hmac.New(sha256.New, p.proofKey)
+	m.Write(message)
+	return m.Sum(nil)
 }

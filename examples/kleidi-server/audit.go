@@ -60,7 +60,8 @@ func lifecycle(l *audit.Logger, event, keyID, provider string) {
 
 func runVerifyAudit(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("verify-audit", stderr)
-	if err := fs.Parse(args); err != nil { // no flags of its own; the arguments are files
+	live := fs.Bool("live", false, "the last file is still being written by a running plugin: do not require its checkpoint")
+	if err := fs.Parse(args); err != nil { // the arguments are files
 		if errors.Is(err, flag.ErrHelp) {
 			return err
 		}
@@ -69,19 +70,33 @@ func runVerifyAudit(_ context.Context, args []string, stdout, stderr io.Writer) 
 	if fs.NArg() == 0 {
 		return errors.New("name the audit log files to check, oldest first")
 	}
-	var readers []io.Reader
+	var files []audit.File
 	for _, name := range fs.Args() {
 		f, err := os.Open(name)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
-		readers = append(readers, f)
+		files = append(files, audit.File{Name: name, R: f})
 	}
-	n, err := audit.Verify(io.MultiReader(readers...))
+	verify := audit.Verify
+	if *live {
+		verify = audit.VerifyLive
+	}
+	report, err := verify(files...)
+	for _, f := range report.Files {
+		end := "ends with a checkpoint"
+		if !f.Closed {
+			end = "no checkpoint"
+		}
+		fmt.Fprintf(stdout, "%s: %d records, %s\n", f.Name, f.Records, end)
+	}
+	for _, n := range report.Notes {
+		fmt.Fprintf(stdout, "note: %s\n", n)
+	}
 	if err != nil {
-		return fmt.Errorf("%d records intact, then: %w", n, err)
+		return fmt.Errorf("%d records intact, then: %w", report.Records, err)
 	}
-	fmt.Fprintf(stdout, "%d records, hash chain intact\n", n)
+	fmt.Fprintf(stdout, "%d records in %d files, hash chain intact\n", report.Records, len(report.Files))
 	return nil
 }
