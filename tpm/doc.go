@@ -37,13 +37,56 @@
 // or session outlives a call. Keys travel to and from the TPM encrypted by a session salted with the SRK, so a
 // probe on the TPM's bus does not see them.
 //
+// # Pinning the storage root key
+//
+// A session salted with the SRK protects a key only if the SRK is the TPM's own: something between the process
+// and the TPM (a bus interposer, a process that answers in place of swtpm) could present a public key of its own.
+// A provider therefore pins the SRK by its name (computed from its public area, never taken from the TPM's
+// answer): the one of [Config.SRKName] when set, else the first one it finds when it starts (trust on first use).
+// Every later operation that finds another SRK fails with an error wrapping [ErrStorageKeyChanged]: Wrap seals
+// nothing, Unwrap unseals nothing, Health reports it. Unwrap also unseals only keys sealed under that SRK, so a
+// KEK read from the keyring unwraps only on the chip that sealed it. Without [Config.SRKName], each process
+// trusts the SRK it meets first: kleidi-server init on a fresh node trusts the TPM it finds, and so does every
+// later start (a wrong SRK there makes the first Unwrap of a keyring key fail, so nothing is sealed under it).
+// [Provider.SRKName] returns the pinned name: record it at init and pass it to every later provider to close
+// that window.
+//
+// # Policy of a sealed key
+//
+// Unwrap unseals a key only if its policy is the one this provider's configuration gives now: the same PCR
+// selection, the policy digest the current values of those PCRs give (the TPM binds the digest to the sealed
+// object, so a forged header cannot change it), and an auth value exactly when one is configured. A key sealed by
+// another process with no PCRs, or with other PCRs, is refused with an error wrapping [ErrPolicy] and
+// [kleidi.ErrUnwrap], even though the TPM would unseal it: otherwise anyone with access to the TPM could make a
+// PCR-bound provider accept a key of their choice.
+//
+// # Proofs
+//
+// [Provider] is a [kleidi.Authenticator]: the Envelope proves each wrapped copy it makes and verifies each copy
+// that arrives from outside before it unwraps it. A proof is HMAC-SHA256 under a proof key that only this TPM can
+// compute, and only under the configured policy: the TPM's HMAC, over a fixed label, with a keyed-hash primary key
+// of the owner hierarchy whose template holds the configured policy digest as its authPolicy (so only a session
+// that satisfies the PCR policy may use it) and HMAC-SHA256(auth value, label) as its unique field (so the key
+// depends on the auth value). A primary key is derived from the owner seed and its template, so the proof key is
+// the same at every start in the same boot state: a node that lost its keyring still verifies the copies attached
+// to its ciphertexts. The key is derived at the first Prove or Verify, travels encrypted by a session salted with
+// the pinned SRK, stays in memory (Verify never calls the TPM again) and is zeroed by [Provider.Close].
+//
+// A primary key's auth value is whatever its creator sets, so guesses at the auth value through the proof key are
+// not counted by the TPM's dictionary-attack lockout, unlike guesses against a sealed key: the auth file should
+// hold a random value (32 random bytes without a zero byte or newline), not a memorable one.
+//
 // # PCR binding and auth value
 //
 // With [Config.PCRs] (flag --tpm-pcrs 7), new keys unseal only while those SHA-256 PCRs hold the values they had
 // when the key was sealed. PCR 7 (the Secure Boot policy) is the usual choice; PCRs that change at every update
 // (firmware 0, kernel and initrd 4, 8, 9) lock the keys out after an update. A changed PCR makes Unwrap fail with
-// an error wrapping [ErrPolicy] and [kleidi.ErrUnwrap]; rotate the KEK while the old one still unwraps (before a
-// planned change), or keep a second root of trust.
+// an error wrapping [ErrPolicy] and [kleidi.ErrUnwrap], and gives another proof key, so Verify refuses the proofs
+// made before with [kleidi.ErrUnauthenticated]: neither serve nor rotate can start, and rotating beforehand does
+// not help (the new KEK is sealed to the values of today). Before a planned change, rewrap every KEK from the
+// PCR-bound provider to one without PCRs, make the change, then rewrap back to a provider bound to the same PCRs,
+// which seals to the new values (kleidi.Rewrap; kleidi-server rewrap --from-tpm-pcrs). After an unplanned change,
+// boot the previous configuration to get the old values back, or recover from a second root of trust.
 //
 // With [Config.AuthFile], new keys get an auth value (1 to 32 bytes read from the file; one trailing newline is
 // ignored) that Unwrap must present. Such objects are protected by the TPM's dictionary-attack lockout: repeated

@@ -86,7 +86,7 @@ func (p *Provider) Verify(ctx context.Context, message, proof []byte) error {
 		return fmt.Errorf("tpm: verify: %w: cannot derive the proof key: %w", kleidi.ErrUnauthenticated, err)
 	}
 	if !hmac.Equal(mac, proof) {
-		return fmt.Errorf("tpm: verify: %w: the proof was not made by this TPM under this provider's PCR policy and auth value",
+		return fmt.Errorf("tpm: verify: %w: the proof was not made by this TPM under this provider's PCR policy and auth value (forged, made by another TPM or configuration, or the bound PCRs changed since)",
 			kleidi.ErrUnauthenticated)
 	}
 	return nil

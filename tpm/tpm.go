@@ -52,10 +52,12 @@ type Config struct {
 	//     the provider, so keys it sealed cannot be unwrapped after Close).
 	Path string
 	// PCRs are the SHA-256 PCRs (0 to 23) new keys are bound to: they unseal only while these PCRs hold the
-	// values they had when Wrap ran. Empty: no binding. Unwrap follows what each wrapped key records.
+	// values they had when Wrap ran. Empty: no binding. Unwrap accepts only keys bound to exactly these PCRs
+	// (none when empty), with the values they hold now, and the proof key of [Provider.Prove] depends on them too.
 	PCRs []int
 	// AuthFile names a file whose content (1 to 32 bytes; one trailing newline is ignored) is the auth value
-	// of new sealed objects, and is needed to unseal them. Empty: no auth value.
+	// of new sealed objects, and is needed to unseal them. Empty: no auth value. Unwrap accepts only keys sealed
+	// with an auth value when one is configured, and only keys sealed without one otherwise.
 	AuthFile string
 	// SRKName pins the storage root key: the hex TPM name (68 hex digits, "000b" and a SHA-256 digest) of the
 	// SRK that every operation must find, as [Provider.SRKName] returns it and tpm2_readpublic prints it as
