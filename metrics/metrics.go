@@ -9,7 +9,7 @@
 //
 //	kleidi_kms_requests_total{method,code}                      KMS v2 calls by method and gRPC code
 //	kleidi_kms_request_duration_seconds{method,code}            their latency (histogram)
-//	kleidi_provider_operations_total{provider,operation,outcome}  wrap, unwrap and health calls to the root of trust
+//	kleidi_provider_operations_total{provider,operation,outcome}  wrap, unwrap, health, prove and verify calls
 //	kleidi_provider_operation_duration_seconds{provider,operation,outcome}  their latency (histogram)
 //	kleidi_kek_cache_hits_total                                  decryptions whose KEK was in memory
 //	kleidi_kek_cache_misses_total                                decryptions that needed the provider
@@ -20,7 +20,8 @@
 //	kleidi_build_info{version,go_version}                        1
 //
 // plus the Go runtime (go_*) and process (process_*) collectors. outcome is one of the values of [kleidi.ErrorKind]
-// ("ok", "unavailable", "unwrap_refused", ...); operation is wrap, unwrap or health.
+// ("ok", "unavailable", "unwrap_refused", "unauthenticated", ...); operation is wrap, unwrap, health, or, for a
+// provider that is a [kleidi.Authenticator], prove and verify.
 package metrics
 
 import (
@@ -200,8 +201,16 @@ type rpcKey struct {
 	code   codes.Code
 }
 
-// Provider returns p with every call counted and timed.
-func (m *Metrics) Provider(p kleidi.Provider) kleidi.Provider { return &provider{Provider: p, m: m} }
+// Provider returns p with every call counted and timed. If p is a [kleidi.Authenticator], so is the result, and
+// its Prove and Verify calls are counted too: a Verify whose outcome is "unauthenticated" is a forged or foreign
+// wrapped key that reached the plugin.
+func (m *Metrics) Provider(p kleidi.Provider) kleidi.Provider {
+	mp := &provider{Provider: p, m: m}
+	if auth, ok := p.(kleidi.Authenticator); ok {
+		return &authProvider{provider: mp, auth: auth}
+	}
+	return mp
+}
 
 type provider struct {
 	kleidi.Provider
@@ -233,5 +242,27 @@ func (p *provider) Health(ctx context.Context) error {
 	start := time.Now()
 	err := p.Provider.Health(ctx)
 	p.record("health", start, err)
+	return err
+}
+
+// authProvider is a provider that is also a [kleidi.Authenticator].
+type authProvider struct {
+	*provider
+	auth kleidi.Authenticator
+}
+
+var _ kleidi.Authenticator = (*authProvider)(nil)
+
+func (p *authProvider) Prove(ctx context.Context, message []byte) ([]byte, error) {
+	start := time.Now()
+	b, err := p.auth.Prove(ctx, message)
+	p.record("prove", start, err)
+	return b, err
+}
+
+func (p *authProvider) Verify(ctx context.Context, message, proof []byte) error {
+	start := time.Now()
+	err := p.auth.Verify(ctx, message, proof)
+	p.record("verify", start, err)
 	return err
 }

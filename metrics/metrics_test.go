@@ -63,6 +63,15 @@ func TestMetrics(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A ciphertext of another root: its attached key's proof fails, and the metrics show it.
+	other, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign, _ := other.Encrypt(ctx, []byte("x"), nil)
+	if _, err := e.Decrypt(ctx, foreign, nil); !errors.Is(err, kleidi.ErrUnauthenticated) {
+		t.Fatalf("e.Decrypt(foreign) err = %v, want kleidi.ErrUnauthenticated", err)
+	}
 	raw.SetError(kleiditest.OpHealth, kleidi.ErrUnavailable)
 	p.Health(ctx)
 	m.KeyringReloaded(nil, true)
@@ -82,8 +91,10 @@ func TestMetrics(t *testing.T) {
 		`kleidi_kms_request_duration_seconds_count{code="OK",method="Decrypt"} 1`,
 		`kleidi_provider_operations_total{operation="wrap",outcome="ok",provider="insecure"} 1`,
 		`kleidi_provider_operations_total{operation="health",outcome="unavailable",provider="insecure"} 1`,
+		`kleidi_provider_operations_total{operation="prove",outcome="ok",provider="insecure"} 1`,
+		`kleidi_provider_operations_total{operation="verify",outcome="unauthenticated",provider="insecure"} 1`,
 		`kleidi_kek_cache_hits_total 3`,
-		`kleidi_kek_cache_misses_total 0`,
+		`kleidi_kek_cache_misses_total 1`,
 		`kleidi_keyring_reloads_total{outcome="ok"} 1`,
 		`kleidi_keyring_reloads_total{outcome="error"} 1`,
 		`kleidi_key_rotations_total 1`,
