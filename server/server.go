@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -112,12 +113,21 @@ func setDefault[T comparable](v *T, def T) {
 
 // ListenAndServe listens on the unix socket endpoint ("unix:///path/kms.sock", "unix:///@abstract" or a plain
 // path) with [Config.SocketMode], and serves until ctx ends; see [Server.Serve]. The socket's directory is
-// created with mode 0700 if missing, and a stale socket left by a crash is removed if nothing answers on it.
-// The socket is removed on return.
+// created with mode 0700 if missing; it and every directory above it must be safe from other users. The socket
+// is bound where no other user can reach it and gets its mode before it appears at its path; a stale socket
+// left by a crash is replaced only if nothing answers on it. The socket is removed on return, if it is still
+// this server's.
+//
+// An abstract socket ("unix:///@name") has no file mode: every process in the network namespace may connect to
+// it. It is refused unless [Config.AllowedUIDs] limits the callers.
 func (s *Server) ListenAndServe(ctx context.Context, endpoint string) error {
 	path, err := socket.ParseEndpoint(endpoint)
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
+	}
+	if strings.HasPrefix(path, "@") && len(s.cfg.AllowedUIDs) == 0 {
+		return fmt.Errorf("server: abstract socket %s: every process in the network namespace may connect to it and "+
+			"the socket mode cannot apply; refusing it without allowed uids (--allowed-uids), or use a socket path", endpoint)
 	}
 	l, err := socket.Listen(path, s.cfg.SocketMode)
 	if err != nil {
