@@ -3,6 +3,8 @@ package gpg_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/kleidi-kms/kleidi"
@@ -37,6 +39,64 @@ func FuzzUnwrap(f *testing.F) {
 		}
 		if len(got) == 0 || len(got) > gpg.MaxKeySize {
 			t.Fatalf("p.Unwrap(ctx, blob) = %d bytes, want 1 to %d", len(got), gpg.MaxKeySize)
+		}
+	})
+}
+
+// FuzzVerify feeds arbitrary messages and proofs to Verify: it never panics (nor hides a panic of the parser),
+// refuses with an error wrapping kleidi.ErrUnauthenticated, and accepts only a message that a trusted key
+// signed.
+func FuzzVerify(f *testing.F) {
+	k1, k2, k3 := newTestKey(f, keyOptions{}), newTestKey(f, keyOptions{v6: true}), newTestKey(f, keyOptions{signing: true})
+	p := newProvider(f, gpg.Config{PublicKeyFiles: []string{k1.pub, k2.pub, k3.pub}, PrivateKeyFile: k1.priv})
+	signed := map[string]bool{}
+	for i, k := range []testKey{k1, k2, k3} {
+		signer := newProvider(f, gpg.Config{PrivateKeyFile: k.priv})
+		message := []byte(fmt.Sprintf("kleidi fuzz proof %d", i))
+		proof, err := signer.Prove(ctx, message)
+		if err != nil {
+			f.Fatalf("Prove(ctx, message) err = %v, want nil", err)
+		}
+		signed[string(message)] = true
+		f.Add(message, proof)
+		f.Add(message, proof[:len(proof)-1])
+		f.Add(message, append(bytes.Clone(proof), proof...))
+	}
+	f.Add([]byte{}, []byte{})
+	f.Add([]byte("m"), []byte{0xc2, 0x01, 0x04})
+	f.Add([]byte("m"), []byte{0x88, 0x05, 0x04, 0x00, 0x16, 0x08, 0x00})
+	f.Fuzz(func(t *testing.T, message, proof []byte) {
+		err := p.Verify(ctx, message, proof)
+		if err != nil {
+			if !errors.Is(err, kleidi.ErrUnauthenticated) || strings.Contains(err.Error(), "panicked") {
+				t.Fatalf("p.Verify(ctx, message, proof) err = %v, want an error wrapping kleidi.ErrUnauthenticated and no panic", err)
+			}
+			return
+		}
+		if !signed[string(message)] {
+			t.Fatalf("p.Verify(ctx, %q, proof) = nil for a message no trusted key signed", message)
+		}
+	})
+}
+
+// FuzzCheckRecipients feeds arbitrary blobs to CheckRecipients: it never panics, and refuses with an error
+// wrapping kleidi.ErrUnwrap or gpg.ErrRecipientRemoved.
+func FuzzCheckRecipients(f *testing.F) {
+	k1, k2 := newTestKey(f, keyOptions{}), newTestKey(f, keyOptions{v6: true})
+	p := newProvider(f, gpg.Config{PublicKeyFiles: []string{k1.pub}})
+	for _, c := range []gpg.Config{{PublicKeyFiles: []string{k1.pub}}, {PublicKeyFiles: []string{k1.pub, k2.pub}}, {PrivateKeyFile: k2.priv}} {
+		blob, err := newProvider(f, c).Wrap(ctx, bytes.Repeat([]byte{0x5a}, kleidi.KeySize))
+		if err != nil {
+			f.Fatalf("Wrap(ctx, key) err = %v, want nil", err)
+		}
+		f.Add(blob)
+		f.Add(blob[:len(blob)-1])
+	}
+	f.Add([]byte{})
+	f.Add([]byte{0xc1, 10, 3, 1, 2, 3, 4, 5, 6, 7, 8, 1, 0xd2, 1, 1})
+	f.Fuzz(func(t *testing.T, blob []byte) {
+		if err := p.CheckRecipients(blob); err != nil && !errors.Is(err, kleidi.ErrUnwrap) && !errors.Is(err, gpg.ErrRecipientRemoved) {
+			t.Fatalf("p.CheckRecipients(blob) err = %v, want nil or an error wrapping kleidi.ErrUnwrap or gpg.ErrRecipientRemoved", err)
 		}
 	})
 }
