@@ -36,6 +36,8 @@ const (
 	attachedMagic   = 'w'
 	attachedVersion = 2
 	attachedHeader  = 4
+	// MaxAttachedKeySize is the size of the largest attached key: the largest proof and wrapped key.
+	MaxAttachedKeySize = attachedHeader + MaxProofSize + MaxWrappedKeySize
 )
 
 // encodeAttachedKey returns the attached key for blob and its proof.

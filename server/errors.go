@@ -12,8 +12,10 @@ import (
 
 // Code returns the gRPC code the server answers err with:
 //
-//	malformed request, ErrInvalidCiphertext, ErrDecrypt, ErrKeyMismatch, ErrTooLarge   InvalidArgument
+//	malformed request, ErrInvalidCiphertext, ErrDecrypt, ErrKeyMismatch, ErrTooLarge,
+//	ErrUnauthenticated (an attached key without a valid proof: forged, or another root's)  InvalidArgument
 //	ErrUnknownKey                                                                       NotFound
+//	ErrKeyExhausted (the active KEK reached its usage limit; the server rotates before)  ResourceExhausted
 //	ErrUnwrap (the root of trust refuses the KEK)                                       FailedPrecondition
 //	ErrUnavailable, ErrClosed (the root of trust is down)                               Unavailable
 //	context.DeadlineExceeded, context.Canceled                                          DeadlineExceeded, Canceled
@@ -27,10 +29,13 @@ func Code(err error) codes.Code {
 		errors.Is(err, kleidi.ErrInvalidCiphertext),
 		errors.Is(err, kleidi.ErrDecrypt),
 		errors.Is(err, kleidi.ErrKeyMismatch),
+		errors.Is(err, kleidi.ErrUnauthenticated),
 		errors.Is(err, kleidi.ErrTooLarge):
 		return codes.InvalidArgument
 	case errors.Is(err, kleidi.ErrUnknownKey):
 		return codes.NotFound
+	case errors.Is(err, kleidi.ErrKeyExhausted):
+		return codes.ResourceExhausted
 	// Unavailable before Unwrap: a joined error from several wrapped copies may hold both, and a root that is
 	// down may well unwrap once it is back.
 	case errors.Is(err, kleidi.ErrUnavailable), errors.Is(err, kleidi.ErrClosed):
@@ -56,8 +61,8 @@ func statusError(err error) error {
 		return status.Error(codes.InvalidArgument, inv.Error())
 	}
 	for _, e := range []error{
-		kleidi.ErrInvalidCiphertext, kleidi.ErrDecrypt, kleidi.ErrKeyMismatch, kleidi.ErrTooLarge,
-		kleidi.ErrUnknownKey, kleidi.ErrUnavailable, kleidi.ErrClosed, kleidi.ErrUnwrap,
+		kleidi.ErrInvalidCiphertext, kleidi.ErrDecrypt, kleidi.ErrKeyMismatch, kleidi.ErrUnauthenticated, kleidi.ErrTooLarge,
+		kleidi.ErrUnknownKey, kleidi.ErrKeyExhausted, kleidi.ErrUnavailable, kleidi.ErrClosed, kleidi.ErrUnwrap,
 		context.DeadlineExceeded, context.Canceled,
 	} {
 		if errors.Is(err, e) {

@@ -76,10 +76,32 @@ func (s *Server) backgroundLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-healthTick.C:
+			s.rotateIfWorn(ctx)
 			s.probe(ctx)
 		case <-reload:
 			s.reload(ctx)
 		}
+	}
+}
+
+// rotateIfWorn rotates the active KEK once it has encrypted half the messages its Envelope allows (see
+// [kleidi.WithKeyUsageLimit]), well before Encrypt would refuse.
+func (s *Server) rotateIfWorn(ctx context.Context) {
+	st := s.env.Stats()
+	if st.ActiveKeyEncryptions < st.KeyUsageLimit/2 {
+		return
+	}
+	before := s.env.KeyID()
+	id, err := s.env.Rotate(ctx)
+	if err != nil {
+		s.log.Error("rotating a KEK that reached half its usage limit failed", "key_id", before,
+			"encryptions", st.ActiveKeyEncryptions, "limit", st.KeyUsageLimit, "error", err)
+		return
+	}
+	s.log.Warn("rotated a KEK that reached half its usage limit", "key_id", id, "previous_key_id", before,
+		"encryptions", st.ActiveKeyEncryptions, "limit", st.KeyUsageLimit)
+	if s.cfg.OnReload != nil {
+		s.cfg.OnReload(nil, true)
 	}
 }
 

@@ -20,8 +20,11 @@ const (
 	// MaxPlaintextSize is the largest plaintext Encrypt accepts: the largest whose ciphertext fits in
 	// MaxCiphertextSize under the longest kleidi key ID (865 bytes). kube-apiserver sends 32.
 	MaxPlaintextSize = MaxCiphertextSize - (kleidi.MaxCiphertextSize - kleidi.MaxPlaintextSize)
-	// WrappedKeyAnnotation is the annotation that carries the wrapped KEK of a ciphertext, so that every
-	// Encrypt response is self-contained. Decrypt unwraps it when the ciphertext's KEK is not in the keyring.
+	// WrappedKeyAnnotation is the annotation that carries the attached key of a ciphertext (its KEK wrapped by
+	// the root of trust, with the root's proof that a legitimate holder made it: [kleidi.Ciphertext.WrappedKey]),
+	// so that every Encrypt response is self-contained. Decrypt unwraps it only when the ciphertext's KEK is not
+	// in the keyring, and only once its proof verifies. A value written by kleidi 0.1 (a bare wrapped key, with no
+	// proof) is never unwrapped: such ciphertexts decrypt while their KEK is in the keyring.
 	WrappedKeyAnnotation = "kek.kleidi.dev"
 	// APIVersion is the version Status reports.
 	APIVersion = "v2"
@@ -60,8 +63,8 @@ func checkDecryptRequest(r *kmsapi.DecryptRequest) (wrappedKey []byte, err error
 		return nil, err
 	}
 	wrapped, ok := r.Annotations[WrappedKeyAnnotation]
-	if ok && (len(wrapped) == 0 || len(wrapped) > kleidi.MaxWrappedKeySize) {
-		return nil, invalidf("annotation %s of %d bytes, want 1 to %d", WrappedKeyAnnotation, len(wrapped), kleidi.MaxWrappedKeySize)
+	if ok && (len(wrapped) == 0 || len(wrapped) > kleidi.MaxAttachedKeySize) {
+		return nil, invalidf("annotation %s of %d bytes, want 1 to %d", WrappedKeyAnnotation, len(wrapped), kleidi.MaxAttachedKeySize)
 	}
 	return wrapped, nil
 }
