@@ -56,7 +56,7 @@ type Provider struct {
 	name     string
 	aead     cipher.AEAD
 	proofKey []byte
-	calls [numOps]atomic.Int64
+	calls    [numOps]atomic.Int64
 
 	mu      sync.Mutex
 	errs    [numOps]error
