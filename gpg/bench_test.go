@@ -43,3 +43,47 @@ func BenchmarkUnwrap(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkVerify measures what checking the proof of a wrapped key costs, and what refusing a proof of a key
+// the provider does not know costs: the price of a flood of forged keys.
+func BenchmarkVerify(b *testing.B) {
+	stranger := newProvider(b, gpg.Config{PrivateKeyFile: newTestKey(b, keyOptions{}).priv})
+	message := []byte("kleidi benchmark proof")
+	forged, err := stranger.Prove(ctx, message)
+	if err != nil {
+		b.Fatalf("stranger.Prove(ctx, message) err = %v, want nil", err)
+	}
+	for name, p := range benchmarkProviders(b) {
+		proof, err := p.Prove(ctx, message)
+		if err != nil {
+			b.Fatalf("p.Prove(ctx, message) err = %v, want nil", err)
+		}
+		b.Run(name, func(b *testing.B) {
+			for b.Loop() {
+				if err := p.Verify(ctx, message, proof); err != nil {
+					b.Fatalf("p.Verify(ctx, message, proof) err = %v, want nil", err)
+				}
+			}
+		})
+		b.Run(name+"/UnknownKey", func(b *testing.B) {
+			for b.Loop() {
+				if err := p.Verify(ctx, message, forged); err == nil {
+					b.Fatalf("p.Verify(ctx, message, stranger's proof) err = nil, want an error")
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkProve(b *testing.B) {
+	for name, p := range benchmarkProviders(b) {
+		b.Run(name, func(b *testing.B) {
+			message := []byte("kleidi benchmark proof")
+			for b.Loop() {
+				if _, err := p.Prove(ctx, message); err != nil {
+					b.Fatalf("p.Prove(ctx, message) err = %v, want nil", err)
+				}
+			}
+		})
+	}
+}

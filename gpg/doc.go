@@ -37,6 +37,30 @@
 // and re-wrap the existing keys (kleidi.Envelope.Rewrap) with a provider that holds a private key that already
 // unwraps them; key IDs do not change, so existing ciphertexts stay readable.
 //
+// # Proofs
+//
+// A Provider is a kleidi.Authenticator. The Envelope asks it to prove every wrapped key it makes, and checks
+// the proof of every wrapped key that arrives from outside before it unwraps it, because wrapping needs only a
+// public key: anyone who knows one could wrap a key of their choosing. [Provider.Prove] makes a binary OpenPGP
+// detached signature with the signing key of the private key (gpg --verify checks it); [Provider.Verify]
+// accepts a signature by a valid signing key of the private key or of any recipient, since every recipient
+// can unwrap every key anyway. A private key therefore needs a key that may sign: the primary key, as
+// gpg --quick-gen-key makes by default, or a signing subkey. Verify accepts exactly one signature packet of
+// a binary document, hashed with SHA-256 or stronger, by a key not revoked when New read it and not expired
+// now, made after that key and at most [MaxClockSkew] ahead of this clock, and refuses everything else with an
+// error wrapping kleidi.ErrUnauthenticated. It takes no lock and no private key: a wrap-only provider
+// verifies too.
+//
+// A node trusts the proofs of the keys its configuration lists, and only those: every node lists every
+// public key, so that it accepts the keys any other node rotated in.
+//
+// # Removing a recipient
+//
+// Re-wrapping every key without a recipient revokes nothing: every ciphertext still carries a copy that the
+// removed private key unwraps. [Provider.CheckRecipients] finds such a copy, so that a program can refuse the
+// re-wrap. Removing a recipient takes a rotation to a new key, wrapped only to the remaining recipients, and
+// the re-encryption of every ciphertext under it; until then the removed key still decrypts old data.
+//
 // # Development key
 //
 // [GenerateDevelopmentKey] writes an unprotected key pair to a directory and returns the Config that loads it.

@@ -24,8 +24,9 @@ const MaxKeySize = 1024
 
 // Config names the files of an OpenPGP [Provider]. Every path is read once, by [New].
 type Config struct {
-	// PublicKeyFiles are the recipients: Wrap encrypts to every key in every file, and any one of their private
-	// keys unwraps. A file may hold several keys. If empty, the keys of PrivateKeyFile are the recipients.
+	// PublicKeyFiles are the recipients: Wrap encrypts to every key in every file, any one of their private
+	// keys unwraps, and Verify accepts the proofs of any of them. A file may hold several keys. If empty, the
+	// keys of PrivateKeyFile are the recipients.
 	PublicKeyFiles []string
 	// PrivateKeyFile holds the private key Unwrap decrypts with (gpg --export-secret-keys). Optional: without it
 	// the provider only wraps, and Unwrap and Health fail with an error wrapping [ErrNoPrivateKey]. If
