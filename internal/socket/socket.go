@@ -207,28 +207,7 @@ func (l *listener) Close() error {
 
 // secureDir creates dir with mode 0700 if missing and checks that no other user can replace what is in it.
 func secureDir(dir string) error {
-	// Check what exists before creating anything in it.
-	existing := dir
-	for {
-		if _, err := os.Lstat(existing); err == nil || existing == filepath.Dir(existing) {
-			break
-		}
-		existing = filepath.Dir(existing)
-	}
-	if existing != dir {
-		if err := trustedpath.Dir(existing); err != nil {
-			return fmt.Errorf("socket directory: %w", err)
-		}
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return fmt.Errorf("socket directory: %w", err)
-		}
-		for d := dir; d != existing; d = filepath.Dir(d) {
-			if err := os.Chmod(d, 0o700); err != nil {
-				return fmt.Errorf("socket directory: %w", err)
-			}
-		}
-	}
-	if err := trustedpath.Dir(dir); err != nil {
+	if err := trustedpath.MkdirAll(dir); err != nil {
 		return fmt.Errorf("socket directory: %w", err)
 	}
 	return nil

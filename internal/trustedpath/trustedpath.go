@@ -39,6 +39,36 @@ func Dir(dir string, owners ...uint32) error {
 	return nil
 }
 
+// MkdirAll creates dir, and any directory above it that is missing, with mode 0700 whatever the umask, then
+// checks it as [Dir] does. What exists is checked before anything is created in it.
+func MkdirAll(dir string, owners ...uint32) error {
+	if !filepath.IsAbs(dir) {
+		return fmt.Errorf("directory %s: path must be absolute", dir)
+	}
+	dir = filepath.Clean(dir)
+	existing := dir
+	for {
+		if _, err := os.Lstat(existing); err == nil || existing == filepath.Dir(existing) {
+			break
+		}
+		existing = filepath.Dir(existing)
+	}
+	if existing != dir {
+		if err := Dir(existing, owners...); err != nil {
+			return err
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return err
+		}
+		for d := dir; d != existing; d = filepath.Dir(d) {
+			if err := os.Chmod(d, 0o700); err != nil {
+				return err
+			}
+		}
+	}
+	return Dir(dir, owners...)
+}
+
 // walk checks each prefix of the clean absolute path dir, from / down.
 func walk(dir string, trusted []uint32) error {
 	var prefixes []string

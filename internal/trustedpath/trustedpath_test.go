@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 )
 
@@ -124,5 +125,28 @@ func TestFile(t *testing.T) {
 		if err := File(p, fi, 65534); err != nil {
 			t.Errorf("File(owned by 65534, 65534) err = %v, want nil", err)
 		}
+	}
+}
+
+func TestMkdirAll(t *testing.T) {
+	old := syscall.Umask(0)
+	defer syscall.Umask(old)
+	base := tree(t)[0]
+	dir := filepath.Join(base, "a", "b")
+	if err := MkdirAll(dir); err != nil {
+		t.Fatalf("MkdirAll() err = %v, want nil", err)
+	}
+	for _, d := range []string{filepath.Join(base, "a"), dir} {
+		if fi, err := os.Stat(d); err != nil || fi.Mode().Perm() != 0o700 {
+			t.Errorf("os.Stat(%s) = %v, %v; want mode 0700 under umask 0", d, fi.Mode(), err)
+		}
+	}
+	open := filepath.Join(base, "open")
+	os.Mkdir(open, 0o777)
+	if err := MkdirAll(filepath.Join(open, "new")); !errors.Is(err, ErrUntrusted) {
+		t.Errorf("MkdirAll() under a world-writable directory err = %v, want ErrUntrusted", err)
+	}
+	if _, err := os.Lstat(filepath.Join(open, "new")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("MkdirAll() created a directory under a world-writable one")
 	}
 }
