@@ -139,12 +139,12 @@ func (v *verifier) note(format string, args ...any) {
 func (v *verifier) file(f File, last bool) error {
 	fr := FileReport{Name: f.Name}
 	defer func() { v.rep.Files = append(v.rep.Files, fr) }()
-	br := bufio.NewReaderSize(f.R, maxLine)
+	br := bufio.NewReader(f.R)
+	var long []byte // a line longer than br's buffer
 	var (
 		lines []line // the last two lines, the newest last
 		n     int    // lines read
 		torn  int    // length of a last line without a newline
-		first = true // no record yet in this file
 	)
 	prevLine := func(back int) *line { // the line back lines before the current one
 		if back > len(lines) {
@@ -154,8 +154,15 @@ func (v *verifier) file(f File, last bool) error {
 	}
 	for {
 		b, err := br.ReadSlice('\n')
-		if errors.Is(err, bufio.ErrBufferFull) {
-			return fmt.Errorf("audit: %s line %d: %w: a line longer than %d bytes is not a record", f.Name, n+1, ErrTampered, maxLine)
+		for errors.Is(err, bufio.ErrBufferFull) {
+			if len(long)+len(b) > maxLine {
+				return fmt.Errorf("audit: %s line %d: %w: a line longer than %d bytes is not a record", f.Name, n+1, ErrTampered, maxLine)
+			}
+			long = append(long, b...)
+			b, err = br.ReadSlice('\n')
+			if !errors.Is(err, bufio.ErrBufferFull) {
+				b, long = append(long, b...), long[:0]
+			}
 		}
 		if err != nil && err != io.EOF {
 			return fmt.Errorf("audit: read %s: %w", f.Name, err)
@@ -189,11 +196,15 @@ func (v *verifier) file(f File, last bool) error {
 				return fmt.Errorf("audit: %s line %d: %w: it names a torn record of %d bytes before it, and line %d is not one",
 					f.Name, n, ErrTampered, e.Torn, n-1)
 			}
+			if p.record { // whole but for its newline: not linked, so not counted
+				fr.Records--
+				v.rep.Records--
+			}
 			back = 2
 		} else if p := prevLine(1); p != nil && !p.record {
 			return fmt.Errorf("audit: %s line %d: %w: not a record", f.Name, n-1, ErrTampered)
 		}
-		if first {
+		if target := prevLine(back); target == nil { // the first record of the file
 			if e.Event != EventOpen {
 				return fmt.Errorf("audit: %s: %w: its first record (line %d, %s) is not the %s record every file begins with: records were cut from its start",
 					f.Name, ErrCutStart, n, e.Event, EventOpen)
@@ -202,10 +213,6 @@ func (v *verifier) file(f File, last bool) error {
 				return err
 			}
 		} else {
-			target := prevLine(back)
-			if target == nil { // only a torn line may come before the first record, and it has no record before
-				return fmt.Errorf("audit: %s line %d: %w", f.Name, n, ErrTampered)
-			}
 			if e.Prev != hex.EncodeToString(target.hash[:]) {
 				return fmt.Errorf("audit: %s line %d: %w: it does not carry the hash of line %d (chain broken): line %d was changed, or records were removed or inserted before line %d",
 					f.Name, n, ErrTampered, n-back, n-back, n)
@@ -224,7 +231,6 @@ func (v *verifier) file(f File, last bool) error {
 					f.Name, n, ErrTampered, e.Event, count(e.Records), n-1)
 			}
 		}
-		first = false
 		fr.Records++
 		v.rep.Records++
 		lines = append(lines[len(lines)-min(len(lines), 1):], cur)
@@ -234,7 +240,7 @@ func (v *verifier) file(f File, last bool) error {
 	if p != nil && !p.record {
 		return fmt.Errorf("audit: %s line %d: %w: not a record", f.Name, n, ErrTampered)
 	}
-	if first && !(last && v.live) {
+	if fr.Records == 0 && !(last && v.live) {
 		return fmt.Errorf("audit: %s: %w: it holds no record, not even the %s record every file begins with", f.Name, ErrCutStart, EventOpen)
 	}
 	fr.Closed = p != nil && p.event == EventCheckpoint && torn == 0
