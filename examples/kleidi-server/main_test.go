@@ -26,10 +26,15 @@ import (
 	"github.com/kleidi-kms/kleidi/gpg"
 )
 
-// binary is kleidi-server, built once by TestMain into a directory every user may read.
+// binary is kleidi-server, built once by TestMain into a directory every user may read, or the binary
+// KLEIDI_SERVER_BINARY names (to run the attacks against another build).
 var binary string
 
 func TestMain(m *testing.M) {
+	if b := os.Getenv("KLEIDI_SERVER_BINARY"); b != "" {
+		binary = b
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "kleidi-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
