@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/audit"
+	"github.com/kleidi-kms/kleidi/gpg"
 	"github.com/kleidi-kms/kleidi/internal/socket"
 	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/server"
@@ -169,13 +171,84 @@ func runRotate(ctx context.Context, args []string, stdout, stderr io.Writer) err
 }
 
 func runRewrap(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return keyringCommand(ctx, "rewrap", args, stderr, func(p kleidi.Provider, env *kleidi.Envelope) error {
-		if err := env.Rewrap(ctx); err != nil {
-			return err
+	var o options
+	fs := newFlagSet("rewrap", stderr)
+	o.register(fs)
+	fromPCRs := fs.String("from-tpm-pcrs", "", "the `PCRs` the KEKs are sealed to now, when they differ from --tpm-pcrs (\"\" for none)")
+	fromAuth := fs.String("from-tpm-auth-file", "", "`file` of the auth value the KEKs are sealed with now, when it differs from --tpm-auth-file")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := o.setup(stderr); err != nil {
+		return err
+	}
+	if exists, err := o.keyringExists(); err != nil || !exists {
+		return fmt.Errorf("no keyring in %s: run kleidi-server init first", o.stateDir)
+	}
+	to, err := o.openProvider(ctx)
+	if err != nil {
+		return err
+	}
+	defer to.Close()
+	from := to
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if set["from-tpm-pcrs"] || set["from-tpm-auth-file"] {
+		old := o
+		if set["from-tpm-pcrs"] {
+			old.tpmPCRs = *fromPCRs
 		}
-		fmt.Fprintf(stdout, "rewrapped every KEK for %s\nkey_id: %s\n", p.Name(), env.KeyID())
+		if set["from-tpm-auth-file"] {
+			old.tpmAuthFile = *fromAuth
+		}
+		if from, err = old.openProvider(ctx); err != nil {
+			return fmt.Errorf("the current configuration (--from-tpm-*): %w", err)
+		}
+		defer from.Close()
+	}
+	ring := kleidi.NewFileKeyring(o.keyringPath())
+	if err := refuseRemovedRecipients(ctx, ring, to); err != nil {
+		return err
+	}
+	if err := kleidi.Rewrap(ctx, ring, from, to); err != nil {
+		return err
+	}
+	records, err := ring.Load(ctx)
+	if err != nil {
+		return err
+	}
+	for _, r := range records {
+		if r.State == kleidi.KeyActive {
+			fmt.Fprintf(stdout, "rewrapped %d KEKs for %s\nkey_id: %s\n", len(records), to.Name(), r.ID)
+		}
+	}
+	return nil
+}
+
+// refuseRemovedRecipients refuses a rewrap that would drop an OpenPGP recipient: every ciphertext stored so far
+// carries a copy wrapped to it, so dropping it revokes nothing.
+func refuseRemovedRecipients(ctx context.Context, ring kleidi.Keyring, to kleidi.Provider) error {
+	p, ok := to.(*gpg.Provider)
+	if !ok {
 		return nil
-	})
+	}
+	records, err := ring.Load(ctx)
+	if err != nil {
+		return err
+	}
+	for _, r := range records {
+		for _, w := range r.Wrapped {
+			if w.Root != p.Name() {
+				continue
+			}
+			if err := p.CheckRecipients(w.Blob); errors.Is(err, gpg.ErrRecipientRemoved) {
+				return fmt.Errorf("key %s: %w. Rewrapping would revoke nothing: every Secret stored so far carries a copy "+
+					"for the removed key. To remove a recipient, rotate with the remaining recipients (kleidi-server rotate with the "+
+					"new --gpg-public-key list) and re-encrypt every Secret (kubectl get secrets -A -o json | kubectl replace -f -)", r.ID, err)
+			}
+		}
+	}
+	return nil
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
