@@ -446,3 +446,23 @@ func FuzzOpenAfterCrash(f *testing.F) {
 		}
 	})
 }
+
+// A record longer than verify's read buffer is checked like any other.
+func TestLongRecord(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := audit.OpenFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Log(audit.Record{Event: audit.EventDecrypt, RequestUID: strings.Repeat("u", 10000)})
+	l.Log(audit.Record{Event: audit.EventDecrypt})
+	l.Close()
+	b := read(t, path)
+	if r, err := audit.Verify(file("audit.log", b)); err != nil || r.Records != 4 {
+		t.Errorf("audit.Verify(a log with a 10 kB record) = %+v, %v; want 4 records, nil", r, err)
+	}
+	edited := bytes.Replace(b, []byte("uuuu"), []byte("uuuv"), 1)
+	if _, err := audit.Verify(file("audit.log", edited)); !errors.Is(err, audit.ErrTampered) || !strings.Contains(err.Error(), "line 3") {
+		t.Errorf("audit.Verify(the 10 kB record changed) err = %v, want ErrTampered at line 3", err)
+	}
+}
