@@ -34,7 +34,7 @@
 // With several public key files, Wrap encrypts each key to all of them, and any one of the private keys
 // unwraps: a highly available control plane gives each node its own key pair, every node lists all public
 // keys, and each node holds only its own private key. To add a recipient, add its public key file to every node
-// and re-wrap the existing keys (kleidi.Envelope.Rewrap) with a provider that holds a private key that already
+// and re-wrap the existing keys (kleidi.Rewrap) with a provider that holds a private key that already
 // unwraps them; key IDs do not change, so existing ciphertexts stay readable.
 //
 // # Proofs

@@ -32,7 +32,7 @@ func recipientIDs(entities []*v2.Entity) map[string]bool {
 // fingerprint: no key material). A hidden recipient (gpg --throw-keyids) counts as removed, since no one can
 // tell whose it is. A blob that is not a wrapped key gives an error wrapping [kleidi.ErrUnwrap].
 //
-// Removing a recipient from the configuration and wrapping every KEK again (kleidi.Envelope.Rewrap) revokes
+// Removing a recipient from the configuration and wrapping every KEK again (kleidi.Rewrap) revokes
 // nothing: the removed key still unwraps every copy made before, and every ciphertext that carries one.
 // A program that re-wraps calls CheckRecipients on each existing copy first and refuses when it fails:
 // removing a recipient takes a new KEK wrapped only to the remaining recipients (a rotation) and the

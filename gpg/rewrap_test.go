@@ -11,7 +11,7 @@ import (
 )
 
 // TestAddRecipient adds a second OpenPGP key to a keyring whose KEKs are wrapped to one key: after
-// Envelope.Rewrap, a node that holds only the second private key (and lists both public keys, so that it trusts
+// kleidi.Rewrap, a node that holds only the second private key (and lists both public keys, so that it trusts
 // the proofs of the first) decrypts the data encrypted before, under the same key IDs.
 func TestAddRecipient(t *testing.T) {
 	k1, k2 := newTestKey(t, keyOptions{}), newTestKey(t, keyOptions{v6: true})
@@ -56,8 +56,11 @@ func TestAddRecipient(t *testing.T) {
 	if err != nil {
 		t.Fatalf("kleidi.NewEnvelope(ctx, p12, ring) err = %v, want nil", err)
 	}
-	if err := env12.Rewrap(ctx); err != nil {
-		t.Fatalf("env12.Rewrap(ctx) err = %v, want nil", err)
+	if err := kleidi.Rewrap(ctx, ring, p12, p12); err != nil {
+		t.Fatalf("kleidi.Rewrap(ctx, ring, p12, p12) err = %v, want nil", err)
+	}
+	if err := env12.Reload(ctx); err != nil {
+		t.Fatalf("env12.Reload(ctx) err = %v, want nil", err)
 	}
 	if got := env12.KeyID(); got != ids[1] {
 		t.Errorf("env12.KeyID() after Rewrap = %q, want %q", got, ids[1])
