@@ -275,9 +275,13 @@ func (l *Logger) logOpen(torn int) {
 	l.encode(time.Now(), EventOpen, attrs)
 }
 
-// logCheckpoint encodes an audit.checkpoint record. The caller holds mu.
-func (l *Logger) logCheckpoint() {
+// checkpoint writes the pending records and an audit.checkpoint record, the last of the file: mu stays held
+// while the checkpoint is written, so no record can follow it. What cannot be written stays pending. The caller
+// holds mu.
+func (l *Logger) checkpoint() {
+	l.idle()
 	l.encode(time.Now(), EventCheckpoint, []slog.Attr{slog.String("outcome", "ok"), slog.Uint64("records", l.lines)})
+	l.write(false)
 }
 
 // encode appends a record, linked to the one before, to the pending lines. The caller holds mu.
@@ -318,15 +322,14 @@ func (l *Logger) Reopen() error {
 		l.Flush()
 		return nil
 	}
-	f, err := openAppend(l.path)
-	if err != nil {
-		return err
-	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		f.Close()
 		return fmt.Errorf("audit: reopen %s: %w", l.path, kleidi.ErrClosed)
+	}
+	f, err := openAppend(l.path) // under mu: two Reopens at once see the path one after the other
+	if err != nil {
+		return err
 	}
 	old := l.w.(*os.File)
 	if sameFile(old, f) {
@@ -334,9 +337,7 @@ func (l *Logger) Reopen() error {
 		l.idle()
 		return nil
 	}
-	l.idle()
-	l.logCheckpoint()
-	l.idle()
+	l.checkpoint()
 	if len(l.pending) > 0 { // the old file cannot be written: what it lacks is lost, and said so in the new one
 		l.drop(false)
 	}
@@ -369,9 +370,7 @@ func (l *Logger) Close() error {
 	if l.closed {
 		return nil
 	}
-	l.idle()
-	l.logCheckpoint()
-	l.idle()
+	l.checkpoint()
 	var err error
 	if len(l.pending) > 0 {
 		err = fmt.Errorf("%w: %d records not written", ErrWrite, bytes.Count(l.pending, []byte{'\n'}))
@@ -431,14 +430,23 @@ func (l *Logger) Log(r Record) {
 
 // writeBatch writes every pending record, releasing mu during the write, and reports whether it succeeded. The
 // caller holds mu.
-func (l *Logger) writeBatch() bool {
+func (l *Logger) writeBatch() bool { return l.write(true) }
+
+// write writes every pending record, releasing mu during the write when unlock is true, and reports whether it
+// succeeded. The caller holds mu and, without unlock, no batch is being written.
+func (l *Logger) write(unlock bool) bool {
 	batch, skip, head, w := l.pending, l.skip, l.prev, l.w
-	l.pending, l.skip, l.writing = l.spare[:0], 0, true
-	l.mu.Unlock()
+	l.pending, l.skip = l.spare[:0], 0
+	if unlock {
+		l.writing = true
+		l.mu.Unlock()
+	}
 	n, err := w.Write(batch[skip:])
-	l.mu.Lock()
-	l.writing = false
-	l.flushed.Broadcast()
+	if unlock {
+		l.mu.Lock()
+		l.writing = false
+		l.flushed.Broadcast()
+	}
 	if err == nil {
 		l.spare, l.diskHead = batch, head
 		if l.err.Load() != nil {
