@@ -17,6 +17,8 @@
 //	kleidi_key_rotations_total                                   changes of the active key seen by this process
 //	kleidi_active_key_info{key_id}                               1 for the active key ID
 //	kleidi_healthy                                               1 while the root of trust is healthy, else 0
+//	kleidi_audit_write_errors_total                              failed writes to the audit log
+//	kleidi_audit_lost_records_total                              audit records dropped, never written
 //	kleidi_build_info{version,go_version}                        1
 //
 // plus the Go runtime (go_*) and process (process_*) collectors. outcome is one of the values of [kleidi.ErrorKind]
@@ -47,6 +49,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/audit"
 )
 
 // latencyBuckets spans a cached decryption (tens of microseconds) to the apiserver's default timeout (3 s).
@@ -154,6 +157,26 @@ func (m *Metrics) Observe(e *kleidi.Envelope, healthy func() bool) error {
 		o.ObserveInt64(health, h)
 		return nil
 	}, hits, misses, active, health)
+	return err
+}
+
+// ObserveAudit reports the audit log's failed writes and lost records at every scrape.
+func (m *Metrics) ObserveAudit(l *audit.Logger) error {
+	writeErrors, err := m.meter.Int64ObservableCounter("kleidi.audit.write.errors",
+		metric.WithDescription("Writes to the audit log that failed."))
+	if err != nil {
+		return err
+	}
+	lost, err := m.meter.Int64ObservableCounter("kleidi.audit.lost.records",
+		metric.WithDescription("Audit records dropped because they could not be written."))
+	if err != nil {
+		return err
+	}
+	_, err = m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		o.ObserveInt64(writeErrors, int64(l.WriteErrors()))
+		o.ObserveInt64(lost, int64(l.LostRecords()))
+		return nil
+	}, writeErrors, lost)
 	return err
 }
 

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/kleiditest"
 	"github.com/kleidi-kms/kleidi/metrics"
 )
@@ -135,5 +136,31 @@ func promtool(t *testing.T, page string) {
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
 		t.Errorf("promtool check metrics: %v\n%s", err, out.String())
+	}
+}
+
+// failingWriter fails every write, as a full disk does.
+type failingWriter struct{}
+
+func (failingWriter) Write([]byte) (int, error) { return 0, errors.New("no space left on device") }
+
+func TestObserveAudit(t *testing.T) {
+	m, err := metrics.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := audit.New(failingWriter{})
+	defer l.Close()
+	if err := m.ObserveAudit(l); err != nil {
+		t.Fatalf("m.ObserveAudit(l) err = %v", err)
+	}
+	l.Log(audit.Record{Event: audit.EventStart})
+	l.Flush()
+	page := scrape(t, m)
+	if !strings.Contains(page, "kleidi_audit_write_errors_total ") || strings.Contains(page, "kleidi_audit_write_errors_total 0\n") {
+		t.Errorf("metrics page after a failed audit write lacks a non-zero kleidi_audit_write_errors_total:\n%s", page)
+	}
+	if !strings.Contains(page, "kleidi_audit_lost_records_total ") {
+		t.Errorf("metrics page lacks kleidi_audit_lost_records_total")
 	}
 }

@@ -8,6 +8,7 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/server"
 )
 
@@ -44,5 +45,22 @@ func TestExhaustedKeyIsResourceExhausted(t *testing.T) {
 	wantCode(t, "Encrypt() past the key usage limit", err, codes.ResourceExhausted)
 	if _, err := ts.client.Status(ctx, &kmsapi.StatusRequest{}); err != nil {
 		t.Errorf("Status() after a refused Encrypt err = %v, want nil", err)
+	}
+}
+
+func TestUnwritableAuditLogIsUnhealthy(t *testing.T) {
+	l, err := audit.OpenFile("/dev/full")
+	if err != nil {
+		t.Fatalf("audit.OpenFile(/dev/full) err = %v", err)
+	}
+	defer l.Close()
+	ts := start(t, nil, nil, server.Config{HealthInterval: 20 * time.Millisecond, Audit: l})
+	ctx := callCtx(t)
+	if _, err := ts.client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: []byte("seed")}); err != nil {
+		t.Fatalf("Encrypt() err = %v, want nil: the plugin keeps serving", err)
+	}
+	pollStatus(t, ts.client, func(st *kmsapi.StatusResponse) bool { return st.Healthz == "audit log not written" })
+	if l.WriteErrors() == 0 {
+		t.Errorf("l.WriteErrors() = 0 after writes to /dev/full, want more")
 	}
 }

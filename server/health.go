@@ -58,6 +58,13 @@ func (s *Server) check(ctx context.Context) (string, error) {
 	if err != nil {
 		return "active key unusable", err
 	}
+	// Like an audited vault, the plugin reports itself unhealthy while it cannot keep its audit trail; it keeps
+	// serving, and kube-apiserver keeps writing for 3 minutes after the last healthy Status.
+	if s.cfg.Audit != nil {
+		if err := s.cfg.Audit.Err(); err != nil {
+			return "audit log not written", err
+		}
+	}
 	return healthy, nil
 }
 

@@ -77,6 +77,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := m.Observe(env, func() bool { return srv.Healthz() == "ok" }); err != nil {
 		return err
 	}
+	if o.audit != nil {
+		if err := m.ObserveAudit(o.audit); err != nil {
+			return err
+		}
+	}
 	if *httpAddr != "off" && *httpAddr != "" {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", m.Handler())
