@@ -642,17 +642,6 @@ func Rewrap(ctx context.Context, ring Keyring, from, to Provider) error {
 	return nil
 }
 
-// Rewrap wraps every KEK of e's keyring again with e's provider: [Rewrap] from and to the same provider, then
-// [Envelope.Reload].
-//
-// Deprecated: use [Rewrap], which also moves keys between two configurations of a root.
-func (e *Envelope) Rewrap(ctx context.Context) error {
-	if err := Rewrap(ctx, e.ring, e.provider, e.provider); err != nil {
-		return err
-	}
-	return e.Reload(ctx)
-}
-
 // failureCache remembers failed unwraps for [failureTTL] ([outageTTL] for an outage), at most [maxFailures] of them, so that a request
 // repeated in a flood costs no call to the root of trust.
 type failureCache struct {
