@@ -127,9 +127,9 @@ func WithKeyUsageLimit(n uint64) Option {
 // KeyEvent describes a key operation of an [Envelope], for audit logs. It holds no key material.
 type KeyEvent struct {
 	// Op is "unwrap" (a KEK unwrapped through the provider), "rotate" (a new active KEK created by this
-	// process), "reload" (the keyring read again) or "rewrap".
+	// process) or "reload" (the keyring read again).
 	Op string
-	// KeyID is the KEK unwrapped or created, or the active KEK after a reload or rewrap.
+	// KeyID is the KEK unwrapped or created, or the active KEK after a reload.
 	KeyID string
 	// Changed reports, for a reload, that the active KEK changed.
 	Changed bool
@@ -139,7 +139,7 @@ type KeyEvent struct {
 	Duration time.Duration
 }
 
-// WithKeyEvents makes the Envelope call f after every key operation: unwrap, rotate, reload and rewrap. These are
+// WithKeyEvents makes the Envelope call f after every key operation: unwrap, rotate and reload. These are
 // rare; f is never called on the Encrypt or Decrypt hot path of a KEK already in memory. f must be quick and safe
 // for concurrent use.
 func WithKeyEvents(f func(KeyEvent)) Option {
