@@ -3,7 +3,7 @@
 //
 // Usage:
 //
-//	kleidi-server serve     run the plugin (initialises an empty state directory first)
+//	kleidi-server serve     run the plugin (with the development key, initialises an empty state directory first)
 //	kleidi-server init      initialise a state directory
 //	kleidi-server rotate    make a new KEK active; a running plugin switches within 10 s
 //	kleidi-server status    ask a running plugin for its Status; exit 0 only when healthy
@@ -54,7 +54,10 @@ Health endpoints /livez, /readyz and /healthz are served over HTTP on --http-add
 Refuses to touch a state directory that already has a keyring.`,
 		example: `kleidi-server init --state-dir /var/lib/kleidi --provider gpg \
       --gpg-public-key ops.pub.asc --gpg-private-key node.asc --gpg-passphrase-file /etc/kleidi/passphrase`,
-		run: runInit,
+		// init is the explicit way to create a keyring: with any provider, also where one was before.
+		run: func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+			return runInit(withExplicitInit(ctx), args, stdout, stderr)
+		},
 	},
 	{
 		name:    "rotate",

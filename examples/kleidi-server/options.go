@@ -12,10 +12,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/gpg"
+	"github.com/kleidi-kms/kleidi/internal/trustedpath"
 	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/tpm"
 )
@@ -93,7 +95,11 @@ func (o *options) keyringExists() (bool, error) {
 
 // open opens the root of trust and the Envelope over the state directory's keyring. With createKeyring, an
 // empty state directory is initialised (a first KEK is generated); with devKeyAllowed, a development key is
-// generated for a gpg provider given no key.
+// generated for a gpg provider given no key. Outside init (see [withExplicitInit]), a keyring is created only for
+// the development key in a state directory never initialised before; see [options.refuseNewKeyring].
+//
+// The state directory, every directory above it and the keyring must be safe from other users: owned by root or
+// by this user (for root, also by the state directory's owner, the plugin's user) and not writable by others.
 func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, bool, error) {
 	if !filepath.IsAbs(o.stateDir) {
 		abs, err := filepath.Abs(o.stateDir)
@@ -109,7 +115,12 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 	if !exists && !o.createKeyring {
 		return nil, nil, false, fmt.Errorf("no keyring in %s: run kleidi-server init (or serve) first", o.stateDir)
 	}
-	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
+	if !exists && !isExplicitInit(ctx) {
+		if err := o.refuseNewKeyring(ctx); err != nil {
+			return nil, nil, false, err
+		}
+	}
+	if err := trustedpath.MkdirAll(o.stateDir, o.stateOwner()...); err != nil {
 		return nil, nil, false, fmt.Errorf("state directory: %w", err)
 	}
 	p, err := o.openProvider(ctx)
@@ -131,7 +142,117 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 		p.Close()
 		return nil, nil, false, err
 	}
+	if !exists {
+		if err := o.markInitialised(env.KeyID()); err != nil {
+			p.Close()
+			return nil, nil, false, err
+		}
+	}
 	return p, env, !exists, nil
+}
+
+// initialisedFile is written in the state directory beside the first keyring, so that a state directory whose
+// keyring went missing is told from one never initialised.
+const initialisedFile = "initialised"
+
+// explicitInitKey marks the context of the init command.
+type explicitInitKey struct{}
+
+// withExplicitInit marks ctx as the init command's: the explicit way to create a keyring, which may create one
+// with any provider and in a state directory initialised before.
+func withExplicitInit(ctx context.Context) context.Context {
+	return context.WithValue(ctx, explicitInitKey{}, true)
+}
+
+func isExplicitInit(ctx context.Context) bool {
+	v, _ := ctx.Value(explicitInitKey{}).(bool)
+	return v
+}
+
+// isDevelopmentDefault reports whether the root of trust is one for development, whose keyring serve may create:
+// the zero-flag default (the development OpenPGP key), or the in-process TPM simulator, whose keys die with the
+// process anyway.
+func (o *options) isDevelopmentDefault() bool {
+	switch o.provider {
+	case "gpg":
+		return len(o.gpgPublicKeys) == 0 && o.gpgPrivateKey == ""
+	case "tpm":
+		return o.tpmPath == "simulator"
+	}
+	return false
+}
+
+// refuseNewKeyring returns an error unless serve may create a keyring in a state directory that has none: only
+// with the development default, in a state directory that shows no sign of an earlier keyring (its volume may be
+// unmounted, or the keyring lost). Any other provider's configuration is checked first, so that its errors come
+// before the refusal; nothing is created.
+func (o *options) refuseNewKeyring(ctx context.Context) error {
+	if !o.isDevelopmentDefault() {
+		p, err := o.openProvider(ctx)
+		if err != nil {
+			return err
+		}
+		p.Close()
+		return fmt.Errorf("no keyring in %s: serve creates a keyring only for development (--provider gpg with no "+
+			"key flags, or --tpm simulator); run kleidi-server init with the same flags first, or, if %s should hold a keyring, "+
+			"check that its volume is mounted", o.stateDir, o.stateDir)
+	}
+	for _, name := range []string{initialisedFile, keyringFile + ".lock", "gpg"} {
+		if _, err := os.Lstat(filepath.Join(o.stateDir, name)); err == nil {
+			return fmt.Errorf("%s was initialised before (it holds %s) but has no %s: is its volume mounted? serve "+
+				"never replaces a missing keyring; restore %s, or run kleidi-server init to start a new one",
+				o.stateDir, name, keyringFile, keyringFile)
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("state directory: %w", err)
+		}
+	}
+	return nil
+}
+
+// stateOwner returns, for root, the owner of the state directory (the plugin's user), whom root then trusts
+// with the state directory and the directories above it.
+func (o *options) stateOwner() []uint32 {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	uid, _, err := trustedpath.Owner(o.stateDir)
+	if err != nil || uid == 0 {
+		return nil
+	}
+	return []uint32{uid}
+}
+
+// markInitialised writes the state directory's initialised file.
+func (o *options) markInitialised(keyID string) error {
+	path := filepath.Join(o.stateDir, initialisedFile)
+	text := fmt.Sprintf("kleidi state directory, initialised %s with key_id %s. Its keyring is %s: if that file "+
+		"is missing, kleidi-server serve refuses to start rather than create a new one.\n",
+		time.Now().UTC().Format(time.RFC3339), keyID, keyringFile)
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	return o.giveToStateOwner(path)
+}
+
+// giveToStateOwner gives path, and everything under it, to the state directory's owner when root made them in
+// another user's state directory, so that user (the plugin's) can read them.
+func (o *options) giveToStateOwner(path string) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	uid, gid, err := trustedpath.Owner(o.stateDir)
+	if err != nil || uid == 0 {
+		return err
+	}
+	return filepath.WalkDir(path, func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if err := os.Lchown(p, int(uid), int(gid)); err != nil {
+			return fmt.Errorf("state directory: %w", err)
+		}
+		return nil
+	})
 }
 
 func (o *options) openProvider(ctx context.Context) (kleidi.Provider, error) {
@@ -143,6 +264,9 @@ func (o *options) openProvider(ctx context.Context) (kleidi.Provider, error) {
 			var err error
 			if o.devKeyAllowed {
 				if c, err = gpg.GenerateDevelopmentKey(dir); err != nil {
+					return nil, err
+				}
+				if err := o.giveToStateOwner(dir); err != nil {
 					return nil, err
 				}
 			} else {
