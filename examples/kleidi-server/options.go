@@ -41,6 +41,9 @@ type options struct {
 	log           *slog.Logger
 	devKeyAllowed bool
 	createKeyring bool
+	// firstStart lets serve create the keyring with any provider in a state directory never initialised before
+	// (a deployment's first start); a state directory that shows an earlier keyring is still refused.
+	firstStart bool
 
 	// Set by serve before open: the provider is instrumented and the Envelope's key operations audited.
 	metrics *metrics.Metrics
@@ -184,10 +187,10 @@ func (o *options) isDevelopmentDefault() bool {
 
 // refuseNewKeyring returns an error unless serve may create a keyring in a state directory that has none: only
 // with the development default, in a state directory that shows no sign of an earlier keyring (its volume may be
-// unmounted, or the keyring lost). Any other provider's configuration is checked first, so that its errors come
+// unmounted, or the keyring lost); with firstStart, with any provider in such a state directory. Any other provider's configuration is checked first, so that its errors come
 // before the refusal; nothing is created.
 func (o *options) refuseNewKeyring(ctx context.Context) error {
-	if !o.isDevelopmentDefault() {
+	if !o.isDevelopmentDefault() && !o.firstStart {
 		p, err := o.openProvider(ctx)
 		if err != nil {
 			return err
