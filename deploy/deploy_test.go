@@ -593,6 +593,19 @@ func (n *node) serveFlags() []string {
 	}
 }
 
+// init runs kleidi-server init with env and args on the node's state directory, as docs/install.md says to once
+// per node before the first start.
+func (n *node) init(t *testing.T, env []string, args ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := n.command(ctx, append([]string{"init", "--state-dir=" + n.stateDir}, args...)...)
+	cmd.Env = append(cmd.Env, env...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("kleidi-server init: %v\n%s", err, out)
+	}
+}
+
 // serve starts kleidi-server serve with env and args (after "serve"), waits until it is ready, checks its
 // endpoints and socket, rotates its key as docs/install.md says (rotate with env and rotateArgs; none when
 // rotateArgs is nil), and stops it.
@@ -747,6 +760,7 @@ func TestStaticBinary(t *testing.T) {
 		n := newNode(t, bin)
 		pub, priv, pass := gpgKey(t, n)
 		provider := []string{"--provider=gpg", "--gpg-public-key=" + pub, "--gpg-private-key=" + priv, "--gpg-passphrase-file=" + pass}
+		n.init(t, nil, provider...)
 		n.serve(t, nil, append(n.serveFlags(), provider...), append([]string{"--state-dir=" + n.stateDir}, provider...))
 	})
 
@@ -755,6 +769,7 @@ func TestStaticBinary(t *testing.T) {
 		addr := startSwtpm(t, n.dir)
 		// swtpm serves one TCP client at a time and the running plugin is that client, so a second process
 		// (rotate) cannot reach this TPM while it runs; /dev/tpmrm0 has no such limit. No rotation here.
+		n.init(t, nil, "--provider=tpm", "--tpm=tcp://"+addr)
 		n.serve(t, nil, append(n.serveFlags(), "--provider=tpm", "--tpm=tcp://"+addr), nil)
 	})
 
@@ -769,6 +784,7 @@ func TestStaticBinary(t *testing.T) {
 			"KLEIDI_HTTP_ADDR": n.httpAddr,
 			"KLEIDI_TPM":       "tcp://" + addr,
 		})
+		n.init(t, env)
 		n.serve(t, env, []string{}, nil)
 	})
 

@@ -39,9 +39,12 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	auditLog := fs.String("audit-log", "", "`file` to append the audit log to (one JSON record per KMS call and key operation; reopened on SIGHUP), or - for standard output (default: none)")
 	var allowed uidList
 	fs.Var(&allowed, "allowed-uids", "comma-separated `uids` allowed to call the plugin (default: any that may open the socket)")
+	firstStart := fs.Bool("init", false, "on a state directory never initialised, create its keyring with the root of trust of the flags "+
+		"(a deployment's first start); a state directory that held a keyring before is still refused")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	o.firstStart = *firstStart
 	if err := o.setup(stderr); err != nil {
 		return err
 	}

@@ -39,8 +39,10 @@ var commands = []*command{
 		name:    "serve",
 		summary: "run the KMS v2 plugin",
 		usage: `Serve kube-apiserver's KMS v2 API on a unix socket until SIGTERM or SIGINT, then stop gracefully
-(finish calls in flight, remove the socket, exit 0). An empty state directory is initialised first; with
---provider gpg and no key flags, a development OpenPGP key is generated in it (insecure: for trying kleidi).
+(finish calls in flight, remove the socket, exit 0). With the development key (--provider gpg with no key
+flags: generated in the state directory, insecure, for trying kleidi) or --tpm simulator, an empty state
+directory is initialised first; otherwise run init first, or pass --init on a deployment's first start. A state
+directory that held a keyring before is never given a new one.
 Health endpoints /livez, /readyz and /healthz are served over HTTP on --http-addr.`,
 		example: `kleidi-server serve
   kleidi-server serve --listen unix:///run/kleidi/kms.sock --state-dir /var/lib/kleidi \
@@ -90,8 +92,10 @@ Exit status 0 only when healthz is "ok".`,
 		name:    "verify-audit",
 		summary: "check the hash chain of an audit log",
 		usage: `Check that no record of an audit log written by serve --audit-log was changed, removed or inserted: each
-record carries the SHA-256 of the line before it. Give rotated files oldest first. Exit status 0 only when the
-chain is intact.`,
+record carries the SHA-256 of the line before it; every file begins with an audit.open record and ends with an
+audit.checkpoint record, so records cut from its start or end are seen. Give rotated files oldest first; --live
+for a file a running plugin still writes. Exit status 0 only when the chain is intact (a crash that a restart
+continued is a note).`,
 		example: `kleidi-server verify-audit /var/log/kleidi/audit.log.1 /var/log/kleidi/audit.log`,
 		run:     runVerifyAudit,
 	},
