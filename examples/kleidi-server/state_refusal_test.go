@@ -33,7 +33,7 @@ func TestServeRefusesNewKeyring(t *testing.T) {
 		want  string
 	}{
 		{"gpg keys", gpgFlags, "run kleidi-server init"},
-		{"tpm", []string{"--provider", "tpm", "--tpm", startSwtpmForState(t)}, "run kleidi-server init"},
+		{"tpm", []string{"--provider", "tpm", "--tpm", startSwtpmUnix(t)}, "run kleidi-server init"},
 		// A provider's own errors come first.
 		{"missing tpm", []string{"--provider", "tpm", "--tpm", filepath.Join(s.dir, "no-tpm")}, "no-tpm"},
 	} {
@@ -126,37 +126,6 @@ func TestUnsafeStateDir(t *testing.T) {
 		code, _, errOut := runBounded(t, s.command(true, "serve", "--state-dir", filepath.Join(other, "state"), "--listen", "unix://"+filepath.Join(s.dir, "x.sock")))
 		if code == 0 || !strings.Contains(errOut, "state directory") {
 			t.Errorf("serve as uid 65534 under a directory of root it may not enter = %d, %q; want a state directory error", code, errOut)
-		}
-	}
-}
-
-// startSwtpmForState starts swtpm on a unix socket and returns its --tpm address.
-func startSwtpmForState(t *testing.T) string {
-	t.Helper()
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		t.Fatalf("swtpm not found (%v): install it (apt-get install swtpm swtpm-tools)", err)
-	}
-	dir, err := os.MkdirTemp("", "sw")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "sock")
-	cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir, "--flags", "not-need-init,startup-clear",
-		"--server", "type=unixio,path="+sock, "--ctrl", "type=unixio,path="+filepath.Join(dir, "ctrl"))
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting swtpm: %v", err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		os.RemoveAll(dir)
-	})
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(sock); err == nil {
-			return "unix://" + sock
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("swtpm made no socket at %s", sock)
 		}
 	}
 }
