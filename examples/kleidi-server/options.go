@@ -130,6 +130,7 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 	if err != nil {
 		return nil, nil, false, err
 	}
+	root := p
 	var opts []kleidi.Option
 	if o.createKeyring {
 		opts = append(opts, kleidi.WithCreateIfEmpty())
@@ -150,8 +151,41 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 			p.Close()
 			return nil, nil, false, err
 		}
+		if err := o.pinSRK(root); err != nil {
+			p.Close()
+			return nil, nil, false, err
+		}
 	}
 	return p, env, !exists, nil
+}
+
+// srkNameFile, in the state directory, holds the name of the TPM storage root key the keyring was created under,
+// written at init: every later process pins it, so a TPM that presents another SRK gets no key.
+const srkNameFile = "tpm-srk-name"
+
+// pinSRK records the storage root key of a tpm provider p in the state directory.
+func (o *options) pinSRK(p kleidi.Provider) error {
+	tp, ok := p.(*tpm.Provider)
+	if !ok || o.tpmPath == "simulator" {
+		return nil
+	}
+	path := filepath.Join(o.stateDir, srkNameFile)
+	if err := os.WriteFile(path, []byte(tp.SRKName()+"\n"), 0o600); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	return o.giveToStateOwner(path)
+}
+
+// pinnedSRK returns the storage root key name recorded at init, or "" for a state directory that has none.
+func (o *options) pinnedSRK() (string, error) {
+	b, err := os.ReadFile(filepath.Join(o.stateDir, srkNameFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("state directory: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }
 
 // initialisedFile is written in the state directory beside the first keyring, so that a state directory whose
@@ -285,7 +319,11 @@ func (o *options) openProvider(ctx context.Context) (kleidi.Provider, error) {
 		if err != nil {
 			return nil, err
 		}
-		return tpm.New(ctx, tpm.Config{Path: o.tpmPath, PCRs: pcrs, AuthFile: o.tpmAuthFile})
+		srk, err := o.pinnedSRK()
+		if err != nil {
+			return nil, err
+		}
+		return tpm.New(ctx, tpm.Config{Path: o.tpmPath, PCRs: pcrs, AuthFile: o.tpmAuthFile, SRKName: srk})
 	}
 	return nil, fmt.Errorf("--provider %q: want gpg or tpm", o.provider)
 }

@@ -1,6 +1,7 @@
 package main_test
 
 import (
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -55,5 +56,28 @@ func TestRewrapToAnotherTPMPolicy(t *testing.T) {
 	}
 	if code, out, errOut := s.run(t, append([]string{"rotate", "--provider", "tpm", "--tpm", sock, "--tpm-pcrs", ""}, stateFlags...)...); code != 0 {
 		t.Errorf("rotate with no PCRs after the rewrap = %d, %q, %q; want 0", code, out, errOut)
+	}
+}
+
+// TestInitPinsTheStorageRootKey: init records the TPM's storage root key in the state directory, and every later
+// process refuses a TPM that presents another one (a replaced or cleared TPM, or something answering in its place)
+// before it uses it.
+func TestInitPinsTheStorageRootKey(t *testing.T) {
+	first, other := startSwtpmUnix(t), startSwtpmUnix(t)
+	s := newSandbox(t)
+	stateFlags := s.flags()[:2]
+	if code, out, errOut := s.run(t, append([]string{"init", "--provider", "tpm", "--tpm", first}, stateFlags...)...); code != 0 {
+		t.Fatalf("init = %d, %q, %q", code, out, errOut)
+	}
+	pin, err := os.ReadFile(filepath.Join(s.dir, "state", "tpm-srk-name"))
+	if err != nil || len(strings.TrimSpace(string(pin))) != 68 {
+		t.Fatalf("state/tpm-srk-name = %q, %v; want a 68-digit hex TPM name", pin, err)
+	}
+	code, out, errOut := s.run(t, append([]string{"rotate", "--provider", "tpm", "--tpm", other}, stateFlags...)...)
+	if code == 0 || !strings.Contains(errOut, "not the pinned") {
+		t.Errorf("rotate on another TPM = %d, %q, %q; want a refusal: not the pinned storage root key", code, out, errOut)
+	}
+	if code, out, errOut := s.run(t, append([]string{"rotate", "--provider", "tpm", "--tpm", first}, stateFlags...)...); code != 0 {
+		t.Errorf("rotate on the pinned TPM = %d, %q, %q; want 0", code, out, errOut)
 	}
 }
