@@ -368,3 +368,23 @@ func TestRewrapMovesKeysToAnotherConfiguration(t *testing.T) {
 		t.Error("kleidi.NewEnvelope(from) after Rewrap err = nil, want an error: its copies were replaced")
 	}
 }
+
+// TestForgeHelpersFollowTheFormats pins kleiditest's attacker helpers to the package's own encoders, so the attack
+// tests of other packages build what a real attacker would.
+func TestForgeHelpersFollowTheFormats(t *testing.T) {
+	kek := bytes.Repeat([]byte{9}, kleidi.KeySize)
+	id, raw := kleiditest.ForgeCiphertext("gpg", kek, []byte("x"))
+	if want := kleidi.KeyIDForTest("gpg", kek); id != want {
+		t.Errorf("kleiditest.ForgeCiphertext key ID = %s, want %s", id, want)
+	}
+	c, err := kleidi.ParseCiphertext(raw)
+	if err != nil || c.KeyID() != id {
+		t.Fatalf("kleidi.ParseCiphertext(forged) = %v, %v", c, err)
+	}
+	if got, want := kleiditest.ForgeAttachedKey([]byte("blob"), []byte("proof")), kleidi.EncodeAttachedKeyForTest([]byte("blob"), []byte("proof")); !bytes.Equal(got, want) {
+		t.Errorf("kleiditest.ForgeAttachedKey = %x, want %x", got, want)
+	}
+	if got, want := kleiditest.ProofMessage(id, "gpg", []byte("blob")), kleidi.ProofMessageForTest(id, "gpg", []byte("blob")); !bytes.Equal(got, want) {
+		t.Errorf("kleiditest.ProofMessage = %q, want %q", got, want)
+	}
+}

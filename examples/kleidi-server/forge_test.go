@@ -2,13 +2,7 @@ package main_test
 
 import (
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/base32"
-	be "encoding/binary"
 	"io"
 	"net"
 	"net/http"
@@ -29,47 +23,13 @@ import (
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/gpg"
+	"github.com/kleidi-kms/kleidi/kleiditest"
 	kleidiserver "github.com/kleidi-kms/kleidi/server"
 	"github.com/kleidi-kms/kleidi/tpm"
 )
 
 // The attacker of the threat model writes etcd: it chooses every byte of a stored object, so every field of a
-// DecryptRequest, and knows every public key. These helpers build what it would, from the documented formats.
-
-// attackerKeyID is the public key ID of a KEK the attacker chose: anyone can compute it.
-func attackerKeyID(provider string, kek []byte) string {
-	mac := hmac.New(sha256.New, kek)
-	mac.Write([]byte("kleidi key id v1\x00" + provider))
-	enc := base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
-	return "kleidi-" + provider + "-" + enc.EncodeToString(mac.Sum(nil)[:20])
-}
-
-// attackerCiphertext encrypts plaintext under kek in the ciphertext format, version 1.
-func attackerCiphertext(t *testing.T, id string, kek, plaintext []byte) []byte {
-	t.Helper()
-	block, err := aes.NewCipher(kek)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gcm, err := cipher.NewGCM(block)
-	if err != nil {
-		t.Fatal(err)
-	}
-	header := append([]byte{'k', 1, byte(len(id))}, id...)
-	nonce := make([]byte, gcm.NonceSize())
-	rand.Read(nonce)
-	return gcm.Seal(append(append([]byte{}, header...), nonce...), nonce, plaintext, header)
-}
-
-// attachedKey is the attached key format, version 2: 'w', 2, the proof's length, the proof, the blob.
-func attachedKey(blob, proof []byte) []byte {
-	return append(be.BigEndian.AppendUint16([]byte{'w', 2}, uint16(len(proof))), append(proof, blob...)...)
-}
-
-// proofMessage is what a proof of a wrapped copy covers.
-func proofMessage(id, root string, blob []byte) []byte {
-	return []byte("kleidi wrapped key v2\x00" + id + "\x00" + root + "\x00" + string(blob))
-}
+// DecryptRequest, and knows every public key. kleiditest.ForgeCiphertext and ForgeAttachedKey build what it would.
 
 // forgery is one forged object: a ciphertext under a KEK the attacker chose, and the annotation it attaches.
 type forgery struct {
@@ -87,18 +47,17 @@ func forgeries(t *testing.T, provider string, wrap func([]byte) []byte, prove fu
 	add := func(name string, annotation func(id string, blob []byte) []byte) {
 		kek := make([]byte, kleidi.KeySize)
 		rand.Read(kek)
-		id := attackerKeyID(provider, kek)
-		blob := wrap(kek)
-		out = append(out, forgery{name, id, attackerCiphertext(t, id, kek, []byte("the attacker's own 32-byte seed!")), annotation(id, blob)})
+		id, ciphertext := kleiditest.ForgeCiphertext(provider, kek, []byte("the attacker's own 32-byte seed!"))
+		out = append(out, forgery{name, id, ciphertext, annotation(id, wrap(kek))})
 	}
 	add("a bare wrapped KEK, as kleidi 0.1 wrote them", func(_ string, blob []byte) []byte { return blob })
 	add("a wrapped KEK with the attacker's own proof", func(id string, blob []byte) []byte {
-		return attachedKey(blob, prove(proofMessage(id, provider, blob)))
+		return kleiditest.ForgeAttachedKey(blob, prove(kleiditest.ProofMessage(id, provider, blob)))
 	})
 	add("a wrapped KEK with a random proof", func(_ string, blob []byte) []byte {
 		p := make([]byte, 64)
 		rand.Read(p)
-		return attachedKey(blob, p)
+		return kleiditest.ForgeAttachedKey(blob, p)
 	})
 	return out
 }
@@ -343,15 +302,15 @@ func TestFloodOfForgedDecryptsOnSwtpm(t *testing.T) {
 			kek := make([]byte, kleidi.KeySize)
 			for i := w; i < n; i += workers {
 				rand.Read(kek)
-				id := attackerKeyID("tpm", kek)
+				id, ciphertext := kleiditest.ForgeCiphertext("tpm", kek, []byte("seed"))
 				annotation := genuine
 				if i%2 == 1 {
 					proof := make([]byte, 32)
 					rand.Read(proof)
-					annotation = attachedKey([]byte("KTPM not a blob"), proof)
+					annotation = kleiditest.ForgeAttachedKey([]byte("KTPM not a blob"), proof)
 				}
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				_, err := client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: attackerCiphertext(t, id, kek, []byte("seed")),
+				_, err := client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: ciphertext,
 					KeyId: id, Annotations: map[string][]byte{kleidiserver.WrappedKeyAnnotation: annotation}})
 				cancel()
 				if err == nil {
