@@ -43,6 +43,9 @@ func race(dir, pid string) {
 	for i := 0; ; i++ {
 		select {
 		case <-done:
+			for _, c := range held {
+				c.Close()
+			}
 			return
 		default:
 		}
@@ -70,7 +73,7 @@ func TestListenBindRace(t *testing.T) {
 	}
 	setpriv, err := exec.LookPath("setpriv")
 	if err != nil {
-		t.Skip("needs setpriv")
+		t.Fatalf("setpriv not found (%v): install util-linux", err)
 	}
 	// The test binary, where uid 65534 may run it.
 	exe, err := os.Executable()
