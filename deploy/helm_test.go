@@ -1,0 +1,187 @@
+// Tests of the Helm chart: it lints and renders for every ci/*.yaml with the security settings every variant
+// must keep, refuses invalid values, and its notes print a working EncryptionConfiguration.
+package deploy_test
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestHelmLint(t *testing.T) {
+	helm := helmBin(t)
+	t.Run("defaults", func(t *testing.T) {
+		out := mustRun(t, "", helm, "lint", "--strict", chartDir)
+		t.Log(lastLine(out))
+	})
+	for _, f := range ciValueFiles(t) {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			out := mustRun(t, "", helm, "lint", "--strict", "-f", f, chartDir)
+			t.Log(lastLine(out))
+		})
+	}
+}
+
+func TestHelmTemplate(t *testing.T) {
+	helm := helmBin(t)
+	seen := map[string]bool{}
+	for _, f := range ciValueFiles(t) {
+		name := filepath.Base(f)
+		seen[name] = true
+		want, ok := ciCases[name]
+		if !ok {
+			t.Errorf("ci/%s has no entry in ciCases: say what it must render", name)
+			continue
+		}
+		t.Run(name, func(t *testing.T) {
+			out := mustRun(t, "", helm, "template", "kleidi", chartDir, "--namespace", "kube-system", "-f", f)
+			ms := splitManifests(out)
+			ds := byKind(ms, "DaemonSet")
+			if len(ds) != 1 {
+				t.Fatalf("want 1 DaemonSet, got %d:\n%s", len(ds), out)
+			}
+			text := ds[0].text
+			checkPodSecurity(t, "DaemonSet", text)
+			for _, m := range ms {
+				if !strings.Contains(m.text, "\n  namespace: kube-system\n") {
+					t.Errorf("%s %s is not in the release namespace", m.kind, m.name)
+				}
+			}
+			mustMatch(t, "DaemonSet", text, `nodeSelector:\s*\n\s+node-role.kubernetes.io/control-plane: ""\n`, 1)
+			mustMatch(t, "DaemonSet", text, `- effect: NoSchedule\n\s+key: node-role.kubernetes.io/control-plane\n\s+operator: Exists\n`, 1)
+			mustMatch(t, "DaemonSet", text, `- --http-addr=0\.0\.0\.0:8787\n`, 1)
+			mustMatch(t, "DaemonSet", text, `automountServiceAccountToken: false`, 1)
+			mustMatch(t, "DaemonSet", text, `hostNetwork: `+strconv.FormatBool(want.hostNetwork)+`\n`, 1)
+
+			if want.tpm {
+				mustMatch(t, "DaemonSet", text, `supplementalGroups:\s*\n\s+- 59\n`, 1)
+				mustMatch(t, "DaemonSet", text, `- --provider=tpm\n`, 1)
+				mustMatch(t, "DaemonSet", text, `- --tpm=/dev/tpmrm0\n`, 1)
+				if !want.devicePlugin {
+					mustMatch(t, "DaemonSet", text, `- --allowed-uids=0\n`, 1)
+				}
+				mustNotMatch(t, "DaemonSet", text, `gpg`)
+				if want.devicePlugin {
+					mustMatch(t, "DaemonSet", text, `limits:\s*\n(?:\s+.*\n)*?\s+squat.ai/tpm: "1"\n`, 1)
+					mustNotMatch(t, "DaemonSet", text, `CharDevice`)
+				} else {
+					mustMatch(t, "DaemonSet", text, `- mountPath: /dev/tpmrm0\n\s+name: tpm-device\n|name: tpm-device\n\s+mountPath: /dev/tpmrm0\n`, 1)
+					mustMatch(t, "DaemonSet", text, `hostPath:\s*\n\s+path: /dev/tpmrm0\n\s+type: CharDevice\n`, 1)
+				}
+			} else {
+				// Neither the tss group nor the TPM device reaches a pod that does not use them.
+				mustNotMatch(t, "DaemonSet", text, `supplementalGroups|tpmrm0|--tpm`)
+				mustMatch(t, "DaemonSet", text, `- --provider=gpg\n`, 1)
+				// Key files readable by the plugin's group (fsGroup) only.
+				mustMatch(t, "DaemonSet", text, `secret:\s*\n\s+secretName: kleidi-gpg\n\s+defaultMode: 0440\n`, 1)
+				mustMatch(t, "DaemonSet", text, `- --gpg-private-key=/etc/kleidi/gpg/private.asc\n`, 1)
+				mustMatch(t, "DaemonSet", text, `fsGroup: 65532\n`, 1)
+			}
+
+			if got := len(byKind(ms, "Service")); got != b2i(want.service) {
+				t.Errorf("want %d metrics Service, got %d", b2i(want.service), got)
+			}
+			sm := byKind(ms, "ServiceMonitor")
+			if got := len(sm); got != b2i(want.serviceMonitor) {
+				t.Errorf("want %d ServiceMonitor, got %d", b2i(want.serviceMonitor), got)
+			}
+			if len(sm) == 1 {
+				mustMatch(t, "ServiceMonitor", sm[0].text, `- port: http\n\s+path: /metrics\n`, 1)
+			}
+			if len(byKind(ms, "ServiceAccount")) != 1 {
+				t.Error("want one ServiceAccount")
+			}
+		})
+	}
+	for name := range ciCases {
+		if !seen[name] {
+			t.Errorf("ciCases names ci/%s, which does not exist", name)
+		}
+	}
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// TestHelmValuesRejected checks that values.schema.json and the templates refuse values that would render a
+// broken or unsafe DaemonSet, with a message that names the value.
+func TestHelmValuesRejected(t *testing.T) {
+	helm := helmBin(t)
+	for _, c := range []struct {
+		set  []string
+		want string
+	}{
+		{[]string{"provider=vault"}, "/provider"},
+		{[]string{"uid=0"}, "/uid"},
+		{[]string{"gid=0"}, "/gid"},
+		{[]string{"uid=root"}, "/uid"},
+		{[]string{"provider=tpm"}, "tssGid"},
+		{[]string{"provider=tpm", "tpm.tssGid=tss"}, "tssGid"},
+		{[]string{"provider=tpm", "tpm.tssGid=59", "tpm.pcrs=7;8"}, "/tpm/pcrs"},
+		{[]string{"gpg.existingSecret="}, "existingSecret"},
+		{[]string{"socket.mode=0666"}, "/socket/mode"},
+		{[]string{"socket.hostPathType=DirectoryOrCreat"}, "/socket/hostPathType"},
+		{[]string{"http.port=80"}, "/http/port"},
+		{[]string{"log.format=xml"}, "/log/format"},
+		{[]string{"metrics.enabled=false", "metrics.serviceMonitor.enabled=true"}, "needs metrics.enabled"},
+		{[]string{"privileged=true"}, "privileged"},
+	} {
+		args := []string{"template", "kleidi", chartDir}
+		for _, s := range c.set {
+			args = append(args, "--set", s)
+		}
+		out, err := run(t, time.Minute, "", nil, helm, args...)
+		if err == nil {
+			t.Errorf("--set %v: rendered, want an error", c.set)
+			continue
+		}
+		if !strings.Contains(out, c.want) {
+			t.Errorf("--set %v: error does not name %q:\n%s", c.set, c.want, out)
+		}
+	}
+}
+
+// TestHelmNotes renders NOTES.txt (helm template leaves it out) through a copy of the chart, and checks that
+// it prints an EncryptionConfiguration for the chart's socket.
+func TestHelmNotes(t *testing.T) {
+	helm := helmBin(t)
+	dir := filepath.Join(t.TempDir(), "kleidi")
+	if err := os.CopyFS(dir, os.DirFS(chartDir)); err != nil {
+		t.Fatal(err)
+	}
+	notes, err := os.ReadFile(filepath.Join(chartDir, "templates", "NOTES.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "notes.tmpl"), notes, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	wrapper := "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n" +
+		`{{ tpl (.Files.Get "notes.tmpl") . | indent 4 }}` + "\n"
+	if err := os.WriteFile(filepath.Join(dir, "templates", "zz-notes.yaml"), []byte(wrapper), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := mustRun(t, "", helm, "template", "kleidi", dir, "-n", "kube-system", "--show-only", "templates/zz-notes.yaml",
+		"--set", "socket.hostDir=/run/kms", "--set", "socket.name=k.sock")
+	for _, want := range []string{
+		"kind: EncryptionConfiguration",
+		"apiVersion: v2",
+		"name: kleidi",
+		"endpoint: unix:///run/kms/k.sock",
+		"- identity: {}",
+		"/livez?exclude=kms-providers",
+		"install -d -o 65532 -g 65532 -m 0750 /run/kms",
+		"rollout status daemonset/kleidi",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("NOTES.txt lacks %q:\n%s", want, out)
+		}
+	}
+}
