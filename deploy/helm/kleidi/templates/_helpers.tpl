@@ -38,8 +38,53 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The image reference: repository:tag, and @digest when image.digest is set. */}}
 {{- define "kleidi.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- with .Values.image.digest }}@{{ . }}{{ end }}
+{{- end }}
+
+{{/* The Prometheus job of the ServiceMonitor: the value of its jobLabel on the metrics Service. */}}
+{{- define "kleidi.job" -}}
+{{- include "kleidi.name" . }}
+{{- end }}
+
+{{/*
+Refusals the schema cannot express with a clear message. Rendered by the DaemonSet.
+*/}}
+{{- define "kleidi.validate" -}}
+{{- $v := .Values }}
+{{- if eq $v.provider "gpg" }}
+{{- if and $v.gpg.existingSecret (not $v.gpg.acknowledgeSecretColdStartDeadlock) }}
+{{- fail (printf "gpg.existingSecret=%s reads the OpenPGP keys through the Kubernetes API. Once Secrets are encrypted by kleidi that Secret is too: on a cold start, or when a lone control-plane node reboots, the kubelet needs it to start the plugin and kube-apiserver needs the plugin to read it, and neither starts. Put the key files in gpg.hostDir (%s) on every control-plane node instead, or set gpg.acknowledgeSecretColdStartDeadlock=true to accept the deadlock" $v.gpg.existingSecret $v.gpg.hostDir) }}
+{{- end }}
+{{- if and (not $v.gpg.existingSecret) (not $v.gpg.hostDir) }}
+{{- fail "provider gpg needs gpg.hostDir: the directory on each control-plane node holding the OpenPGP key files" }}
+{{- end }}
+{{- end }}
+{{- if eq $v.provider "tpm" }}
+{{- if kindIs "invalid" $v.tpm.tssGid }}
+{{- fail "provider tpm needs tpm.tssGid: the numeric gid of the tss group on the nodes (getent group tss)" }}
+{{- end }}
+{{- $ways := 0 }}
+{{- if $v.tpm.deviceResource }}{{ $ways = add1 $ways }}{{ end }}
+{{- if $v.tpm.cdiDevice }}{{ $ways = add1 $ways }}{{ end }}
+{{- if $v.tpm.hostPathDeviceAllowedByRuntime }}{{ $ways = add1 $ways }}{{ end }}
+{{- if eq $ways 0 }}
+{{- fail (printf "provider tpm needs a way for the TPM to reach a non-privileged container: a hostPath character device (%s) is blocked by the device cgroup of stock containerd and CRI-O. Set one of tpm.deviceResource (a device plugin's extended resource), tpm.cdiDevice (a CDI device name) or tpm.hostPathDeviceAllowedByRuntime=true (a runtime configured to allow the device)" $v.tpm.device) }}
+{{- end }}
+{{- if gt $ways 1 }}
+{{- fail "provider tpm takes one of tpm.deviceResource, tpm.cdiDevice and tpm.hostPathDeviceAllowedByRuntime, not several" }}
+{{- end }}
+{{- if and (not $v.tpm.nodeName) (not $v.tpm.acknowledgeSingleControlPlaneNode) }}
+{{- fail "provider tpm runs on one control-plane node only: kleidi does not share a TPM root between nodes yet, so each node would encrypt under a key the others cannot unwrap. Set tpm.nodeName to that node, or tpm.acknowledgeSingleControlPlaneNode=true if nodeSelector matches a single node" }}
+{{- end }}
+{{- end }}
+{{- range $v.extraEnv }}
+{{- if and .valueFrom (or .valueFrom.secretKeyRef .valueFrom.configMapKeyRef) }}
+{{- fail (printf "extraEnv %s takes its value from a Secret or ConfigMap, which the kubelet reads through the API: the plugin must start while kube-apiserver cannot read any Secret" .name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The KMS endpoint, as kube-apiserver's EncryptionConfiguration names it. */}}
