@@ -300,7 +300,8 @@ func TestTmpfiles(t *testing.T) {
 	}
 }
 
-// TestSystemdUnit verifies the unit with systemd-analyze where it exists, and rates its sandboxing.
+// TestSystemdUnit verifies the unit, alone and with its drop-ins, with systemd-analyze where it exists, and rates
+// its sandboxing.
 func TestSystemdUnit(t *testing.T) {
 	unitPath := filepath.Join(deployDir, "systemd", "kleidi.service")
 	b, err := os.ReadFile(unitPath)
@@ -309,14 +310,36 @@ func TestSystemdUnit(t *testing.T) {
 	}
 	unit := string(b)
 	for _, re := range []string{
-		`(?m)^User=kleidi$`, `(?m)^Group=kleidi$`, `(?m)^SupplementaryGroups=tss$`, `(?m)^ProtectSystem=strict$`,
+		`(?m)^User=kleidi$`, `(?m)^Group=kleidi$`, `(?m)^ProtectSystem=strict$`,
 		`(?m)^StateDirectory=kleidi$`, `(?m)^RuntimeDirectory=kleidi$`, `(?m)^RuntimeDirectoryPreserve=yes$`,
 		`(?m)^NoNewPrivileges=yes$`, `(?m)^CapabilityBoundingSet=$`, `(?m)^Before=kubelet.service$`,
 		`(?m)^WantedBy=.*\bkubelet.service\b`, `(?m)^EnvironmentFile=/etc/kleidi/kleidi.env$`,
-		`(?m)^ExecStart=/usr/local/bin/kleidi-server serve$`, `(?m)^DeviceAllow=/dev/tpmrm0 rw$`,
+		`(?m)^ExecStart=/usr/local/bin/kleidi-server serve$`, `(?m)^DevicePolicy=closed$`,
+		`(?m)^IPAddressDeny=any$`, `(?m)^IPAddressAllow=localhost$`,
+		// Restarted for ever: a TPM driver late at boot must not leave the plugin dead (a [Unit] setting).
+		`(?m)^\[Unit\]\n(?:[^\[].*\n|\n)*StartLimitIntervalSec=0\n`, `(?m)^Restart=always$`,
 	} {
 		mustMatch(t, "kleidi.service", unit, re, 1)
 	}
+	// The TPM's group, device and ordering belong to the tpm drop-in only: a host without a tss group would fail
+	// every start with 216/GROUP.
+	mustNotMatch(t, "kleidi.service", unit, `(?m)^[^#\n]*(tss|tpmrm0|TPM)`)
+	tpmConf, err := os.ReadFile(filepath.Join(deployDir, "systemd", "tpm.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, re := range []string{
+		`(?m)^\[Unit\]\n(?:#.*\n)*Wants=dev-tpmrm0.device\nAfter=dev-tpmrm0.device\n`, `(?m)^SupplementaryGroups=tss$`,
+		`(?m)^DeviceAllow=/dev/tpmrm0 rw$`,
+	} {
+		mustMatch(t, "tpm.conf", string(tpmConf), re, 1)
+	}
+	mustNotMatch(t, "tpm.conf", string(tpmConf), `(?m)^Requires=`)
+	remote, err := os.ReadFile(filepath.Join(deployDir, "systemd", "remote-metrics.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustMatch(t, "remote-metrics.conf", string(remote), `(?m)^\[Service\]\nIPAddressAllow=\S+$`, 1)
 	sysusers, err := os.ReadFile(filepath.Join(deployDir, "systemd", "kleidi.sysusers"))
 	if err != nil {
 		t.Fatal(err)
@@ -339,23 +362,46 @@ func TestSystemdUnit(t *testing.T) {
 	if err := os.WriteFile(copyPath, []byte(strings.Replace(unit, "ExecStart=/usr/local/bin/kleidi-server", "ExecStart="+stand, 1)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, err := run(t, time.Minute, dir, nil, analyze, "verify", copyPath)
-	if err != nil || strings.TrimSpace(out) != "" {
-		// Unknown or misspelt directives are only warnings to systemd; they fail here.
-		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	verify := func(what string) string {
+		t.Helper()
+		out, err := run(t, time.Minute, dir, nil, analyze, "verify", copyPath)
+		if err != nil || strings.TrimSpace(out) != "" {
+			// Unknown or misspelt directives are only warnings to systemd; they fail here.
+			t.Fatalf("systemd-analyze verify, %s: %v\n%s", what, err, out)
+		}
+		t.Logf("systemd-analyze verify, %s: no findings", what)
+		out, err = run(t, time.Minute, dir, nil, analyze, "security", "--offline=yes", "--no-pager", copyPath)
+		m := regexp.MustCompile(`Overall exposure level for kleidi.service: ([0-9.]+)`).FindStringSubmatch(out)
+		if err != nil || m == nil {
+			t.Logf("systemd-analyze security --offline is not supported here (%v); skipped the exposure rating", err)
+			return ""
+		}
+		if level, _ := strconv.ParseFloat(m[1], 64); level > 2.0 {
+			t.Errorf("systemd-analyze security, %s: exposure %s, want 2.0 or less:\n%s", what, m[1], out)
+		}
+		t.Logf("systemd-analyze security, %s: exposure %s", what, m[1])
+		return out
 	}
-	t.Log("systemd-analyze verify: no findings")
+	verify("the unit alone")
 
-	out, err = run(t, time.Minute, dir, nil, analyze, "security", "--offline=yes", "--no-pager", copyPath)
-	m := regexp.MustCompile(`Overall exposure level for kleidi.service: ([0-9.]+)`).FindStringSubmatch(out)
-	if err != nil || m == nil {
-		t.Logf("systemd-analyze security --offline is not supported here (%v); skipped the exposure rating", err)
-		return
+	// With both drop-ins where systemctl finds them (kleidi.service.d beside the unit).
+	dropins := filepath.Join(dir, "kleidi.service.d")
+	if err := os.Mkdir(dropins, 0o755); err != nil {
+		t.Fatal(err)
 	}
-	if level, _ := strconv.ParseFloat(m[1], 64); level > 2.0 {
-		t.Errorf("systemd-analyze security: exposure %s, want 2.0 or less:\n%s", m[1], out)
+	for name, text := range map[string][]byte{"tpm.conf": tpmConf, "remote-metrics.conf": remote} {
+		if err := os.WriteFile(filepath.Join(dropins, name), text, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
-	t.Logf("systemd-analyze security: exposure %s", m[1])
+	verify("with tpm.conf and remote-metrics.conf")
+	// The drop-ins were read: a misspelt directive in one of them is found.
+	if err := os.WriteFile(filepath.Join(dropins, "tpm.conf"), append(slices.Clone(tpmConf), "SupplementaryGroup=tss\n"...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := run(t, time.Minute, dir, nil, analyze, "verify", copyPath); !strings.Contains(out, "SupplementaryGroup") {
+		t.Errorf("systemd-analyze verify did not read the drop-in: %s", out)
+	}
 }
 
 func TestContainerfile(t *testing.T) {
@@ -647,12 +693,28 @@ func TestStaticBinary(t *testing.T) {
 		n.serve(t, nil, append(n.serveFlags(), "--provider=tpm", "--tpm=tcp://"+addr), nil)
 	})
 
-	// The systemd unit's way: no flags, everything from deploy/systemd/kleidi.env (its paths moved to this
-	// node, its TPM to a swtpm), and rotate run with the same environment.
+	// The systemd unit's way: no flags, everything from deploy/systemd/kleidi.env as shipped (gpg; its paths moved
+	// to this node), and rotate run with the same environment.
+	t.Run("gpg-systemd-env", func(t *testing.T) {
+		n := newNode(t, bin)
+		pub, priv, pass := gpgKey(t, n)
+		env := systemdEnv(t, false, map[string]string{
+			"KLEIDI_LISTEN":              "unix://" + n.sock,
+			"KLEIDI_STATE_DIR":           n.stateDir,
+			"KLEIDI_HTTP_ADDR":           n.httpAddr,
+			"KLEIDI_GPG_PUBLIC_KEY":      pub,
+			"KLEIDI_GPG_PRIVATE_KEY":     priv,
+			"KLEIDI_GPG_PASSPHRASE_FILE": pass,
+		})
+		n.init(t, env)
+		n.serve(t, env, []string{}, []string{})
+	})
+
+	// kleidi.env switched to its TPM lines as its comments say, the TPM moved to a swtpm.
 	t.Run("tpm-swtpm-systemd-env", func(t *testing.T) {
 		n := newNode(t, bin)
 		addr := startSwtpm(t, n.dir)
-		env := systemdEnv(t, map[string]string{
+		env := systemdEnv(t, true, map[string]string{
 			"KLEIDI_LISTEN":    "unix://" + n.sock,
 			"KLEIDI_STATE_DIR": n.stateDir,
 			"KLEIDI_HTTP_ADDR": n.httpAddr,
@@ -689,8 +751,10 @@ func keyID(status string) string {
 }
 
 // systemdEnv reads the active KEY=VALUE lines of deploy/systemd/kleidi.env, replacing the values of the keys in
-// override (each of which must be there), as systemd's EnvironmentFile= does.
-func systemdEnv(t *testing.T, override map[string]string) []string {
+// override (each of which must be there), as systemd's EnvironmentFile= does. With tpm, the file is first switched
+// to the TPM as its comments say: the gpg lines commented out, the KLEIDI_PROVIDER=tpm and KLEIDI_TPM lines
+// uncommented.
+func systemdEnv(t *testing.T, tpm bool, override map[string]string) []string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(deployDir, "systemd", "kleidi.env"))
 	if err != nil {
@@ -700,6 +764,14 @@ func systemdEnv(t *testing.T, override map[string]string) []string {
 	seen := map[string]bool{}
 	for line := range strings.SplitSeq(string(b), "\n") {
 		line = strings.TrimSpace(line)
+		if tpm {
+			switch {
+			case strings.HasPrefix(line, "KLEIDI_PROVIDER=") || strings.HasPrefix(line, "KLEIDI_GPG_"):
+				continue
+			case strings.HasPrefix(line, "#KLEIDI_PROVIDER=tpm") || strings.HasPrefix(line, "#KLEIDI_TPM="):
+				line = line[1:]
+			}
+		}
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
@@ -716,6 +788,9 @@ func systemdEnv(t *testing.T, override map[string]string) []string {
 		if !seen[k] {
 			t.Fatalf("kleidi.env does not set %s", k)
 		}
+	}
+	if want := map[bool]string{false: "KLEIDI_PROVIDER=gpg", true: "KLEIDI_PROVIDER=tpm"}[tpm]; !slices.Contains(env, want) {
+		t.Fatalf("kleidi.env: no %s line to use", want)
 	}
 	return env
 }
