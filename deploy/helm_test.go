@@ -31,9 +31,9 @@ func TestHelmTemplate(t *testing.T) {
 	for _, f := range ciValueFiles(t) {
 		name := filepath.Base(f)
 		seen[name] = true
-		want, ok := ciCases[name]
+		want, ok := chartCases[name]
 		if !ok {
-			t.Errorf("ci/%s has no entry in ciCases: say what it must render", name)
+			t.Errorf("ci/%s has no entry in chartCases: say what it must render", name)
 			continue
 		}
 		t.Run(name, func(t *testing.T) {
@@ -50,8 +50,9 @@ func TestHelmTemplate(t *testing.T) {
 					t.Errorf("%s %s is not in the release namespace", m.kind, m.name)
 				}
 			}
-			mustMatch(t, "DaemonSet", text, `nodeSelector:\s*\n\s+node-role.kubernetes.io/control-plane: ""\n`, 1)
-			mustMatch(t, "DaemonSet", text, `- effect: NoSchedule\n\s+key: node-role.kubernetes.io/control-plane\n\s+operator: Exists\n`, 1)
+			mustMatch(t, "DaemonSet", text, `nodeSelector:\s*\n(?:\s+kubernetes.io/hostname: .*\n)?\s+node-role.kubernetes.io/control-plane: ""\n`, 1)
+			// Every taint tolerated, as kube-proxy: the control-plane taint and the cloud provider's uninitialized one.
+			mustMatch(t, "DaemonSet", text, `tolerations:\s*\n\s+- operator: Exists\n`, 1)
 			mustMatch(t, "DaemonSet", text, `- --http-addr=0\.0\.0\.0:8787\n`, 1)
 			mustMatch(t, "DaemonSet", text, `automountServiceAccountToken: false`, 1)
 			mustMatch(t, "DaemonSet", text, `hostNetwork: `+strconv.FormatBool(want.hostNetwork)+`\n`, 1)
@@ -60,25 +61,48 @@ func TestHelmTemplate(t *testing.T) {
 				mustMatch(t, "DaemonSet", text, `supplementalGroups:\s*\n\s+- 59\n`, 1)
 				mustMatch(t, "DaemonSet", text, `- --provider=tpm\n`, 1)
 				mustMatch(t, "DaemonSet", text, `- --tpm=/dev/tpmrm0\n`, 1)
-				if !want.devicePlugin {
+				if want.tpmWay == "hostPath" {
 					mustMatch(t, "DaemonSet", text, `- --allowed-uids=0\n`, 1)
 				}
 				mustNotMatch(t, "DaemonSet", text, `gpg`)
-				if want.devicePlugin {
+				switch want.tpmWay {
+				case "devicePlugin":
 					mustMatch(t, "DaemonSet", text, `limits:\s*\n(?:\s+.*\n)*?\s+squat.ai/tpm: "1"\n`, 1)
-					mustNotMatch(t, "DaemonSet", text, `CharDevice`)
-				} else {
+				case "cdi":
+					mustMatch(t, "DaemonSet", text, `cdi.k8s.io/kleidi-tpm: "kleidi.dev/tpm=tpmrm0"\n`, 1)
+				case "hostPath":
 					mustMatch(t, "DaemonSet", text, `- mountPath: /dev/tpmrm0\n\s+name: tpm-device\n|name: tpm-device\n\s+mountPath: /dev/tpmrm0\n`, 1)
 					mustMatch(t, "DaemonSet", text, `hostPath:\s*\n\s+path: /dev/tpmrm0\n\s+type: CharDevice\n`, 1)
+				default:
+					t.Fatalf("chartCases: tpmWay %q", want.tpmWay)
+				}
+				if want.tpmWay != "hostPath" {
+					mustNotMatch(t, "DaemonSet", text, `CharDevice|tpm-device`)
+				}
+				if want.tpmWay != "cdi" {
+					mustNotMatch(t, "DaemonSet", text, `cdi\.k8s\.io`)
+				}
+				// One node: named, or the single node the nodeSelector matches.
+				if want.tpmNode != "" {
+					mustMatch(t, "DaemonSet", text, `nodeSelector:\s*\n(?:\s+.*\n)*?\s+kubernetes.io/hostname: `+want.tpmNode+`\n`, 1)
+				} else {
+					mustNotMatch(t, "DaemonSet", text, `kubernetes.io/hostname`)
 				}
 			} else {
 				// Neither the tss group nor the TPM device reaches a pod that does not use them.
-				mustNotMatch(t, "DaemonSet", text, `supplementalGroups|tpmrm0|--tpm`)
+				mustNotMatch(t, "DaemonSet", text, `supplementalGroups|tpmrm0|--tpm|cdi\.k8s\.io`)
 				mustMatch(t, "DaemonSet", text, `- --provider=gpg\n`, 1)
-				// Key files readable by the plugin's group (fsGroup) only.
-				mustMatch(t, "DaemonSet", text, `secret:\s*\n\s+secretName: kleidi-gpg\n\s+defaultMode: 0440\n`, 1)
 				mustMatch(t, "DaemonSet", text, `- --gpg-private-key=/etc/kleidi/gpg/private.asc\n`, 1)
-				mustMatch(t, "DaemonSet", text, `fsGroup: 65532\n`, 1)
+				mustMatch(t, "DaemonSet", text, `name: gpg-keys\n\s+mountPath: /etc/kleidi/gpg\n\s+readOnly: true\n|mountPath: /etc/kleidi/gpg\n\s+name: gpg-keys\n\s+readOnly: true\n`, 1)
+				if want.gpgSecret {
+					// Key files readable by the plugin's group (fsGroup) only.
+					mustMatch(t, "DaemonSet", text, `secret:\s*\n\s+secretName: kleidi-gpg\n\s+defaultMode: 0440\n`, 1)
+					mustMatch(t, "DaemonSet", text, `fsGroup: 65532\n`, 1)
+				} else {
+					// The keys come from the host: nothing the plugin needs at start comes from the API.
+					mustMatch(t, "DaemonSet", text, `hostPath:\s*\n\s+path: /etc/kleidi/gpg\n\s+type: Directory\n`, 1)
+					mustNotMatch(t, "DaemonSet", text, `secret:|secretName|configMap|projected:|secretKeyRef|configMapKeyRef|fsGroup`)
+				}
 			}
 
 			if got := len(byKind(ms, "Service")); got != b2i(want.service) {
@@ -90,17 +114,52 @@ func TestHelmTemplate(t *testing.T) {
 			}
 			if len(sm) == 1 {
 				mustMatch(t, "ServiceMonitor", sm[0].text, `- port: http\n\s+path: /metrics\n`, 1)
+				// The job the alerts select, and the node of each target.
+				mustMatch(t, "ServiceMonitor", sm[0].text, `\n  jobLabel: app.kubernetes.io/name\n`, 1)
+				mustMatch(t, "ServiceMonitor", sm[0].text, `- sourceLabels: \[__meta_kubernetes_pod_node_name\]\n\s+targetLabel: node\n`, 1)
+			}
+			if got := len(byKind(ms, "PrometheusRule")); got != b2i(want.prometheusRule) {
+				t.Errorf("want %d PrometheusRule, got %d", b2i(want.prometheusRule), got)
+			}
+			if want.digest != "" {
+				mustMatch(t, "DaemonSet", text, `image: ghcr.io/kleidi-kms/kleidi:0.1.0@`+want.digest+`\n`, 1)
+			} else {
+				mustMatch(t, "DaemonSet", text, `image: ghcr.io/kleidi-kms/kleidi:0.1.0\n`, 1)
 			}
 			if len(byKind(ms, "ServiceAccount")) != 1 {
 				t.Error("want one ServiceAccount")
 			}
 		})
 	}
-	for name := range ciCases {
+	for name := range chartCases {
 		if !seen[name] {
-			t.Errorf("ciCases names ci/%s, which does not exist", name)
+			t.Errorf("chartCases names ci/%s, which does not exist", name)
 		}
 	}
+}
+
+// chartCase says what each ci/*.yaml must render. A new value file needs an entry in chartCases.
+type chartCase struct {
+	tpm         bool
+	tpmWay      string // devicePlugin, cdi or hostPath
+	tpmNode     string // the node named in tpm.nodeName
+	gpgSecret   bool
+	hostNetwork bool
+	service     bool
+	// serviceMonitor and prometheusRule: the prometheus-operator objects.
+	serviceMonitor, prometheusRule bool
+	digest                         string
+}
+
+var chartCases = map[string]chartCase{
+	"gpg.yaml":                    {service: true},
+	"gpg-secret.yaml":             {gpgSecret: true, service: true},
+	"tpm.yaml":                    {tpm: true, tpmWay: "hostPath", service: true},
+	"tpm-device-plugin.yaml":      {tpm: true, tpmWay: "devicePlugin", tpmNode: "cp-1", hostNetwork: true, service: true},
+	"tpm-cdi.yaml":                {tpm: true, tpmWay: "cdi", tpmNode: "cp-1", service: true},
+	"metrics-off.yaml":            {},
+	"metrics-servicemonitor.yaml": {service: true, serviceMonitor: true, prometheusRule: true},
+	"subchart.yaml":               {service: true, digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},
 }
 
 func b2i(b bool) int {
@@ -114,7 +173,7 @@ func b2i(b bool) int {
 // broken or unsafe DaemonSet, with a message that names the value.
 func TestHelmValuesRejected(t *testing.T) {
 	helm := helmBin(t)
-	for _, c := range []struct {
+	helmRefuses(t, helm, []struct {
 		set  []string
 		want string
 	}{
@@ -125,14 +184,27 @@ func TestHelmValuesRejected(t *testing.T) {
 		{[]string{"provider=tpm"}, "tssGid"},
 		{[]string{"provider=tpm", "tpm.tssGid=tss"}, "tssGid"},
 		{[]string{"provider=tpm", "tpm.tssGid=59", "tpm.pcrs=7;8"}, "/tpm/pcrs"},
-		{[]string{"gpg.existingSecret="}, "existingSecret"},
+		{[]string{"gpg.hostDir="}, "/gpg/hostDir"},
+		{[]string{"gpg.hostDir=etc/kleidi"}, "/gpg/hostDir"},
+		{[]string{"image.digest=latest"}, "/image/digest"},
+		{[]string{"tpm.cdiDevice=tpmrm0"}, "/tpm/cdiDevice"},
+		{[]string{"tolerations[0].operator=Maybe"}, "/tolerations/0/operator"},
 		{[]string{"socket.mode=0666"}, "/socket/mode"},
 		{[]string{"socket.hostPathType=DirectoryOrCreat"}, "/socket/hostPathType"},
 		{[]string{"http.port=80"}, "/http/port"},
 		{[]string{"log.format=xml"}, "/log/format"},
 		{[]string{"metrics.enabled=false", "metrics.serviceMonitor.enabled=true"}, "needs metrics.enabled"},
 		{[]string{"privileged=true"}, "privileged"},
-	} {
+	})
+}
+
+// helmRefuses renders the chart with each case's --set values and fails unless helm refuses, naming want.
+func helmRefuses(t *testing.T, helm string, cases []struct {
+	set  []string
+	want string
+}) {
+	t.Helper()
+	for _, c := range cases {
 		args := []string{"template", "kleidi", chartDir}
 		for _, s := range c.set {
 			args = append(args, "--set", s)
