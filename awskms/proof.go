@@ -209,4 +209,3 @@ func newSigner(spec types.KeySpec, der []byte) (*signer, error) {
 	s.pub = ec
 	return &s, nil
 }
-

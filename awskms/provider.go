@@ -15,6 +15,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws/retry"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/kms"
+	"github.com/aws/smithy-go"
 
 	"github.com/kleidi-kms/kleidi"
 )
@@ -86,8 +87,9 @@ type Provider struct {
 	timeout     time.Duration
 	closed      atomic.Bool
 	proof       proofState
-	healthMu    sync.Mutex
-	healthProbe []byte // a blob of purposeHealth that Health decrypts; nil until the first Health
+	resolved    sync.Mutex // held while the key is resolved
+	keyARN      string     // the encryption key's ARN, "" until resolved
+	healthProbe []byte     // a blob of purposeHealth that Health decrypts, made when the key is resolved
 }
 
 var (
@@ -210,7 +212,11 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("awskms: unwrap: %w: %w", kleidi.ErrUnwrap, err)
 	}
-	key, err := p.decrypt(ctx, blob, p.encContext)
+	arn, _, err := p.resolve(ctx)
+	if err != nil {
+		return nil, p.callError(ctx, "unwrap", p.keyID, "kms:Encrypt", kleidi.ErrUnwrap, err)
+	}
+	key, err := p.decrypt(ctx, arn, blob, p.encContext)
 	if err != nil {
 		return nil, p.callError(ctx, "unwrap", p.keyID, "kms:Decrypt", kleidi.ErrUnwrap, err)
 	}
@@ -237,35 +243,56 @@ func parseBlob(wrapped []byte) ([]byte, error) {
 	return wrapped[len(blobHeader):], nil
 }
 
-// Health implements [kleidi.Provider]: it returns nil when Unwrap works now. The first call encrypts a random
-// probe under [Config.KeyID] with an encryption context of its own (so it can never pass for a KEK); every call
-// decrypts it: one kms:Decrypt per call, so the key's state, the credentials and the network are all checked.
+// Health implements [kleidi.Provider]: it returns nil when Unwrap works now. Every call decrypts a random probe
+// made when the key was resolved (see [Provider.Unwrap]) under an encryption context of its own, so it can never
+// pass for a KEK: one kms:Decrypt per call, which checks the key's state, the credentials and the network.
 // Errors wrap what Unwrap's would.
 func (p *Provider) Health(ctx context.Context) error {
 	if p.closed.Load() {
 		return fmt.Errorf("awskms: health: %w", kleidi.ErrClosed)
 	}
-	p.healthMu.Lock()
-	probe := p.healthProbe
-	p.healthMu.Unlock()
-	if probe == nil {
-		secret := make([]byte, 32)
-		rand.Read(secret)
-		blob, err := p.encrypt(ctx, secret, p.healthCtx)
-		clear(secret)
-		if err != nil {
-			return p.callError(ctx, "health", p.keyID, "kms:Encrypt", kleidi.ErrUnwrap, err)
-		}
-		p.healthMu.Lock()
-		p.healthProbe, probe = blob, blob
-		p.healthMu.Unlock()
+	arn, probe, err := p.resolve(ctx)
+	if err != nil {
+		return p.callError(ctx, "health", p.keyID, "kms:Encrypt", kleidi.ErrUnwrap, err)
 	}
-	got, err := p.decrypt(ctx, probe, p.healthCtx)
+	got, err := p.decrypt(ctx, arn, probe, p.healthCtx)
 	clear(got)
 	if err != nil {
 		return p.callError(ctx, "health", p.keyID, "kms:Decrypt", kleidi.ErrUnwrap, err)
 	}
 	return nil
+}
+
+// resolve returns the encryption key's ARN and the health probe, learning both at the first call with one
+// kms:Encrypt of a random probe: AWS KMS answers it with the ARN of the key that Config.KeyID names (an alias
+// included), so no kms:DescribeKey permission is needed. A failure is not remembered.
+func (p *Provider) resolve(ctx context.Context) (arn string, probe []byte, err error) {
+	p.resolved.Lock()
+	defer p.resolved.Unlock()
+	if p.keyARN != "" {
+		return p.keyARN, p.healthProbe, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return "", nil, err
+	}
+	secret := make([]byte, 32)
+	rand.Read(secret)
+	defer clear(secret)
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	out, err := p.client.Encrypt(callCtx, &kms.EncryptInput{
+		KeyId:             aws.String(p.keyID),
+		Plaintext:         secret,
+		EncryptionContext: p.healthCtx,
+	})
+	if err != nil {
+		return "", nil, err
+	}
+	if out.KeyId == nil || *out.KeyId == "" || len(out.CiphertextBlob) == 0 {
+		return "", nil, fmt.Errorf("%w: AWS KMS answered Encrypt without a key ARN or a ciphertext", kleidi.ErrUnavailable)
+	}
+	p.keyARN, p.healthProbe = *out.KeyId, out.CiphertextBlob
+	return p.keyARN, p.healthProbe, nil
 }
 
 // Close implements [kleidi.Provider]: later calls fail with an error wrapping [kleidi.ErrClosed]. It holds no
@@ -297,21 +324,44 @@ func (p *Provider) encrypt(ctx context.Context, plaintext []byte, encContext map
 	return out.CiphertextBlob, nil
 }
 
-// decrypt calls kms:Decrypt with the provider's key named, so a blob of any other key is refused, within the
-// provider's timeout.
-func (p *Provider) decrypt(ctx context.Context, blob []byte, encContext map[string]string) ([]byte, error) {
+// decrypt calls kms:Decrypt within the provider's timeout and returns the plaintext only if AWS KMS decrypted
+// with the key of ARN arn, the provider's key. It does not name the key in the request, so that AWS KMS reads the
+// key from the blob and authenticates every byte of it (a server that trusts a named key may ignore the key
+// field of the blob); the check of the answer's key then refuses a blob of any other key, as naming it would.
+// When AWS KMS denies access, a second Decrypt that names the key learns whether the key is disabled or pending
+// deletion.
+func (p *Provider) decrypt(ctx context.Context, arn string, blob []byte, encContext map[string]string) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	out, err := p.client.Decrypt(ctx, &kms.DecryptInput{
-		KeyId:             aws.String(p.keyID),
 		CiphertextBlob:    blob,
 		EncryptionContext: encContext,
 	})
+	var api smithy.APIError
+	if errors.As(err, &api) && api.ErrorCode() == "AccessDeniedException" {
+		// AWS KMS says no more than "access denied" about a key it read from a blob. Named, the key says why
+		// (disabled, pending deletion), or the access is denied the same.
+		again, named := p.client.Decrypt(ctx, &kms.DecryptInput{
+			KeyId:             aws.String(arn),
+			CiphertextBlob:    blob,
+			EncryptionContext: encContext,
+		})
+		if again != nil {
+			clear(again.Plaintext)
+		}
+		if errors.As(named, &api) && (api.ErrorCode() == "DisabledException" || api.ErrorCode() == "KMSInvalidStateException") {
+			err = named
+		}
+	}
 	if err != nil {
 		return nil, err
+	}
+	if out.KeyId == nil || *out.KeyId != arn {
+		clear(out.Plaintext)
+		return nil, &smithy.GenericAPIError{Code: "IncorrectKeyException", Message: "decrypted with another key"}
 	}
 	return out.Plaintext, nil
 }
