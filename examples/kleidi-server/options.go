@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -19,6 +20,7 @@ import (
 	"github.com/kleidi-kms/kleidi/gpg"
 	"github.com/kleidi-kms/kleidi/internal/trustedpath"
 	"github.com/kleidi-kms/kleidi/metrics"
+	"github.com/kleidi-kms/kleidi/pkcs11"
 	"github.com/kleidi-kms/kleidi/tpm"
 )
 
@@ -38,6 +40,10 @@ type options struct {
 	tpmPath       string
 	tpmPCRs       string
 	tpmAuthFile   string
+	pkcs11Module  string
+	pkcs11Token   string
+	pkcs11Key     string
+	pkcs11PINFile string
 	log           *slog.Logger
 	devKeyAllowed bool
 	createKeyring bool
@@ -52,13 +58,17 @@ type options struct {
 
 func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.stateDir, "state-dir", defaultStateDir(), "`directory` of the keyring (keyring.json) and of a development key; created with mode 0700")
-	fs.StringVar(&o.provider, "provider", "gpg", "root of trust: gpg (an OpenPGP key) or tpm (a TPM 2.0)")
+	fs.StringVar(&o.provider, "provider", "gpg", "root of trust: gpg (an OpenPGP key), tpm (a TPM 2.0) or pkcs11 (a key on a PKCS#11 token or HSM; needs a cgo build)")
 	fs.Var(&o.gpgPublicKeys, "gpg-public-key", "OpenPGP public key `file` to wrap KEKs to (repeatable; in the environment, comma-separated)")
 	fs.StringVar(&o.gpgPrivateKey, "gpg-private-key", "", "OpenPGP private key `file` that unwraps KEKs; with no gpg key flag, a development key in the state directory")
 	fs.StringVar(&o.gpgPassphrase, "gpg-passphrase-file", "", "`file` holding the passphrase of the private key")
 	fs.StringVar(&o.tpmPath, "tpm", tpm.DefaultPath, "the `TPM`: a device (/dev/tpmrm0), tcp://host:port or unix:///path (swtpm), or simulator (in-process, for tests)")
 	fs.StringVar(&o.tpmPCRs, "tpm-pcrs", "", "comma-separated `PCRs` new KEKs are sealed to, such as 7 or 0,2,7 (default: none)")
 	fs.StringVar(&o.tpmAuthFile, "tpm-auth-file", "", "`file` holding the auth value of sealed KEKs (optional)")
+	fs.StringVar(&o.pkcs11Module, "pkcs11-module", "", "`path` of the PKCS#11 library, such as /usr/lib/softhsm/libsofthsm2.so")
+	fs.StringVar(&o.pkcs11Token, "pkcs11-token", "", "`label` of the PKCS#11 token")
+	fs.StringVar(&o.pkcs11Key, "pkcs11-key", "", "`label` of the keys on the token, or id:HEX for their CKA_ID; init creates them if the token lacks them")
+	fs.StringVar(&o.pkcs11PINFile, "pkcs11-pin-file", "", "`file` holding the token's user PIN")
 	fs.StringVar(&o.logFormat, "log-format", "auto", "log `format`: text, json, or auto (text on a terminal, else json)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 }
@@ -324,8 +334,23 @@ func (o *options) openProvider(ctx context.Context) (kleidi.Provider, error) {
 			return nil, err
 		}
 		return tpm.New(ctx, tpm.Config{Path: o.tpmPath, PCRs: pcrs, AuthFile: o.tpmAuthFile, SRKName: srk})
+	case "pkcs11":
+		c := pkcs11.Config{Module: o.pkcs11Module, Token: o.pkcs11Token, PINFile: o.pkcs11PINFile, CreateKeys: isExplicitInit(ctx)}
+		if v, ok := strings.CutPrefix(o.pkcs11Key, "id:"); ok {
+			id, err := hex.DecodeString(v)
+			if err != nil || len(id) == 0 {
+				return nil, fmt.Errorf("--pkcs11-key %q: want a label, or id: and the key's CKA_ID in hex", o.pkcs11Key)
+			}
+			c.KeyID = id
+		} else {
+			c.KeyLabel = o.pkcs11Key
+		}
+		if c.Module == "" || c.Token == "" || o.pkcs11Key == "" || c.PINFile == "" {
+			return nil, errors.New("--provider pkcs11 needs --pkcs11-module, --pkcs11-token, --pkcs11-key and --pkcs11-pin-file")
+		}
+		return pkcs11.New(ctx, c)
 	}
-	return nil, fmt.Errorf("--provider %q: want gpg or tpm", o.provider)
+	return nil, fmt.Errorf("--provider %q: want gpg, tpm or pkcs11", o.provider)
 }
 
 // defaultStateDir is /var/lib/kleidi for root, else $XDG_STATE_HOME/kleidi or ~/.local/state/kleidi.
