@@ -175,20 +175,6 @@ func checkPodSecurity(t testing.TB, what, text string) {
 	mustMatch(t, what, text, `resources:\s*\n\s+(?:limits|requests):`, 1)
 }
 
-// ciCase says what each ci/*.yaml must render. A new value file needs an entry here.
-type ciCase struct {
-	tpm, devicePlugin, hostNetwork bool
-	service, serviceMonitor        bool
-}
-
-var ciCases = map[string]ciCase{
-	"gpg.yaml":                    {service: true},
-	"tpm.yaml":                    {tpm: true, service: true},
-	"tpm-device-plugin.yaml":      {tpm: true, devicePlugin: true, hostNetwork: true, service: true},
-	"metrics-off.yaml":            {},
-	"metrics-servicemonitor.yaml": {service: true, serviceMonitor: true},
-}
-
 // staticPod reads a manifest of deploy/static-pod and checks what every static pod of kleidi keeps.
 func staticPod(t *testing.T, name string) string {
 	t.Helper()
@@ -410,16 +396,52 @@ func TestContainerfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	text := string(b)
-	if n := len(regexp.MustCompile(`(?m)^FROM `).FindAllString(text, -1)); n < 2 {
-		t.Errorf("want a multi-stage build, got %d FROM lines", n)
+	froms := regexp.MustCompile(`(?m)^FROM .*$`).FindAllString(text, -1)
+	if len(froms) < 2 {
+		t.Errorf("want a multi-stage build, got %d FROM lines", len(froms))
 	}
-	mustMatch(t, "Containerfile", text, `(?m)^FROM \S+ AS build$`, 1)
+	// Every base pinned by digest, its tag kept beside it for the reader.
+	for _, f := range froms {
+		if !regexp.MustCompile(`^FROM (?:--platform=\S+ )?\S+:[\w.-]+@sha256:[0-9a-f]{64}(?: AS \w+)?$`).MatchString(f) {
+			t.Errorf("Containerfile: %q is not pinned as name:tag@sha256:digest", f)
+		}
+	}
+	// The build stage runs on the build host and cross-compiles for the target.
+	mustMatch(t, "Containerfile", text, `(?m)^FROM --platform=\$BUILDPLATFORM \S+ AS build$`, 1)
+	mustMatch(t, "Containerfile", text, `(?m)^ARG TARGETOS\b`, 1)
+	mustMatch(t, "Containerfile", text, `(?m)^ARG TARGETARCH$`, 1)
+	mustMatch(t, "Containerfile", text, `GOOS=\$\{TARGETOS\} GOARCH=\$\{TARGETARCH\}`, 1)
 	mustMatch(t, "Containerfile", text, `CGO_ENABLED=0`, 1)
 	mustMatch(t, "Containerfile", text, `go build -trimpath .*\./examples/kleidi-server`, 1)
-	mustMatch(t, "Containerfile", text, `(?m)^FROM gcr.io/distroless/static\S*:nonroot$`, 1)
+	mustMatch(t, "Containerfile", text, `(?m)^FROM gcr.io/distroless/static\S*:nonroot@sha256:[0-9a-f]{64}$`, 1)
+	for _, label := range []string{"title", "description", "source", "version", "revision", "documentation"} {
+		mustMatch(t, "Containerfile", text, `org\.opencontainers\.image\.`+label+`="[^"]+"`, 1)
+	}
 	mustMatch(t, "Containerfile", text, `(?m)^USER 65532:65532$`, 1)
 	mustMatch(t, "Containerfile", text, `(?m)^COPY --from=build /out/kleidi-server /usr/local/bin/kleidi-server$`, 1)
 	mustMatch(t, "Containerfile", text, `(?m)^ENTRYPOINT \["/usr/local/bin/kleidi-server"\]$`, 1)
+
+	// .containerignore keeps the context to the root module's Go sources, and keeps every package the build reads.
+	ig, err := os.ReadFile(filepath.Join(repoRoot, ".containerignore"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := string(ig)
+	for _, re := range []string{`(?m)^\*$`, `(?m)^!go\.mod$`, `(?m)^!go\.sum$`, `(?m)^!\*\*/\*\.go$`, `(?m)^\*\*/\*_test\.go$`} {
+		mustMatch(t, ".containerignore", rules, re, 1)
+	}
+	out := mustRun(t, repoRoot, "go", "list", "-deps", "-f", "{{if not .Standard}}{{.Dir}}{{end}}", "./examples/kleidi-server")
+	for dir := range strings.SplitSeq(strings.TrimSpace(out), "\n") {
+		rel, err := filepath.Rel(repoRoot, dir)
+		if err != nil || strings.HasPrefix(rel, "..") {
+			continue // a dependency from the module cache
+		}
+		for _, m := range regexp.MustCompile(`(?m)^([a-z][^*!\n]*)/$`).FindAllStringSubmatch(rules, -1) {
+			if rel == m[1] || strings.HasPrefix(rel, m[1]+"/") {
+				t.Errorf(".containerignore leaves out %s, which the build reads", rel)
+			}
+		}
+	}
 }
 
 // buildStatic builds examples/kleidi-server as the Containerfile does, into a directory every uid can read.
