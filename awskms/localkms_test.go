@@ -76,10 +76,12 @@ func startLocalKMS(dataDir, port string) (*localKMS, error) {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
 	found := make(chan string, 1)
+	// The goroutines use their own copies of s's fields: restart replaces s.
+	log, cmd, done := s.log, s.cmd, s.done
 	go func() {
 		sc := bufio.NewScanner(r)
 		for sc.Scan() {
-			s.log.add(sc.Text())
+			log.add(sc.Text())
 			if m := startedOn.FindStringSubmatch(sc.Text()); m != nil {
 				select {
 				case found <- m[1]:
@@ -89,9 +91,9 @@ func startLocalKMS(dataDir, port string) (*localKMS, error) {
 		}
 	}()
 	go func() {
-		s.cmd.Wait()
+		cmd.Wait()
 		w.Close()
-		close(s.done)
+		close(done)
 	}()
 	select {
 	case s.port = <-found:
