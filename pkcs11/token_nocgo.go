@@ -15,7 +15,9 @@ type token struct{}
 
 func openToken(context.Context, Config, []byte) (*token, error) { return nil, errNoCgo }
 
-func (*token) encrypt(context.Context, []byte, []byte) ([]byte, []byte, error) { return nil, nil, errNoCgo }
+func (*token) encrypt(context.Context, []byte, []byte) ([]byte, []byte, error) {
+	return nil, nil, errNoCgo
+}
 
 func (*token) decrypt(context.Context, []byte, []byte, []byte) ([]byte, error) { return nil, errNoCgo }
 
