@@ -90,7 +90,8 @@ tmpbin="$dir/.$name.$$"
 (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w \
 	-X k8s.io/component-base/version.gitVersion=$version \
 	-X k8s.io/component-base/version.gitMajor=1 \
-	-X k8s.io/component-base/version.gitMinor=$(echo "$version" | cut -d. -f2)" \
+	-X k8s.io/component-base/version.gitMinor=$(echo "$version" | cut -d. -f2) \
+	-X k8s.io/component-base/version.gitTreeState=clean" \
 	-o "$tmpbin" "k8s.io/kubernetes/cmd/$name") || { rm -f "$tmpbin"; log "build failed"; exit 1; }
 kill $hb 2>/dev/null || true
 mv -f "$tmpbin" "$bin"
