@@ -101,6 +101,25 @@ resources:
 		check(t, out, "pod/kleidi")
 	})
 
+	// The single-node TPM variant: valid once its tss gid placeholder is replaced, refused before.
+	t.Run("static-pod-tpm", func(t *testing.T) {
+		b, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "static-pod", "kleidi-tpm.yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		file := filepath.Join(t.TempDir(), "kleidi-tpm.yaml")
+		writeFile(t, file, strings.ReplaceAll(string(b), "TSS_GID", "110"), 0o644)
+		check(t, dryRun(t, file), "pod/kleidi")
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		out, err := run(ctx, nil, kubectl, "apply", "--dry-run=server", "--validate=strict",
+			"--server="+c.apiURL, "--token="+c.token, "--insecure-skip-tls-verify=true",
+			"-f", filepath.Join(repoRoot, "deploy", "static-pod", "kleidi-tpm.yaml"))
+		if err == nil || !strings.Contains(out, "supplementalGroups") {
+			t.Errorf("kleidi-tpm.yaml with its TSS_GID placeholder: want a refusal naming supplementalGroups, got %v:\n%s", err, out)
+		}
+	})
+
 	// The dry run does validate: the same pod with an invalid uid and a misspelt field is refused.
 	t.Run("refuses-invalid", func(t *testing.T) {
 		b, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "static-pod", "kleidi.yaml"))
