@@ -57,10 +57,10 @@ resources:
 		var keep []string
 		skipped := 0
 		for _, doc := range strings.Split("\n"+out, "\n---") {
-			// The ServiceMonitor's CRD (prometheus-operator) is not installed in this bare apiserver, which
-			// would refuse the kind: only that kind is left out of the server dry run. The root module's
+			// The prometheus-operator CRDs (ServiceMonitor, PodMonitor, PrometheusRule) are not installed in this bare apiserver, which
+			// would refuse those kinds: only they are left out of the server dry run. The root module's
 			// deploy tests check what the chart renders for it.
-			if regexp.MustCompile(`(?m)^kind: ServiceMonitor$`).MatchString(doc) {
+			if regexp.MustCompile(`(?m)^kind: (ServiceMonitor|PodMonitor|PrometheusRule)$`).MatchString(doc) {
 				skipped++
 				continue
 			}
@@ -69,7 +69,7 @@ resources:
 			}
 		}
 		if skipped > 0 {
-			t.Logf("left %d ServiceMonitor out of the server dry run (no CRD)", skipped)
+			t.Logf("left %d prometheus-operator objects out of the server dry run (no CRD)", skipped)
 		}
 		file := filepath.Join(t.TempDir(), "rendered.yaml")
 		writeFile(t, file, strings.Join(keep, "\n---")+"\n", 0o644)
