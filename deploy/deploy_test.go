@@ -412,7 +412,7 @@ func TestContainerfile(t *testing.T) {
 	mustMatch(t, "Containerfile", text, `(?m)^ARG TARGETARCH$`, 1)
 	mustMatch(t, "Containerfile", text, `GOOS=\$\{TARGETOS\} GOARCH=\$\{TARGETARCH\}`, 1)
 	mustMatch(t, "Containerfile", text, `CGO_ENABLED=0`, 1)
-	mustMatch(t, "Containerfile", text, `go build -trimpath .*\./examples/kleidi-server`, 1)
+	mustMatch(t, "Containerfile", text, `(?m)go -C examples/kleidi-server build -trimpath .* \.$`, 1)
 	mustMatch(t, "Containerfile", text, `(?m)^FROM gcr.io/distroless/static\S*:nonroot@sha256:[0-9a-f]{64}$`, 1)
 	for _, label := range []string{"title", "description", "source", "version", "revision", "documentation"} {
 		mustMatch(t, "Containerfile", text, `org\.opencontainers\.image\.`+label+`="[^"]+"`, 1)
@@ -430,7 +430,7 @@ func TestContainerfile(t *testing.T) {
 	for _, re := range []string{`(?m)^\*$`, `(?m)^!go\.mod$`, `(?m)^!go\.sum$`, `(?m)^!\*\*/\*\.go$`, `(?m)^\*\*/\*_test\.go$`} {
 		mustMatch(t, ".containerignore", rules, re, 1)
 	}
-	out := mustRun(t, repoRoot, "go", "list", "-deps", "-f", "{{if not .Standard}}{{.Dir}}{{end}}", "./examples/kleidi-server")
+	out := mustRun(t, filepath.Join(repoRoot, "examples", "kleidi-server"), "go", "list", "-deps", "-f", "{{if not .Standard}}{{.Dir}}{{end}}", ".")
 	for dir := range strings.SplitSeq(strings.TrimSpace(out), "\n") {
 		rel, err := filepath.Rel(repoRoot, dir)
 		if err != nil || strings.HasPrefix(rel, "..") {
@@ -456,9 +456,9 @@ func buildStatic(t *testing.T) string {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(dir, "kleidi-server")
-	out, err := run(t, 10*time.Minute, repoRoot, []string{"CGO_ENABLED=0"}, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "./examples/kleidi-server")
+	out, err := run(t, 10*time.Minute, filepath.Join(repoRoot, "examples", "kleidi-server"), []string{"CGO_ENABLED=0"}, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, ".")
 	if err != nil {
-		t.Fatalf("CGO_ENABLED=0 go build ./examples/kleidi-server: %v\n%s", err, out)
+		t.Fatalf("CGO_ENABLED=0 go build (examples/kleidi-server): %v\n%s", err, out)
 	}
 	f, err := elf.Open(bin)
 	if err != nil {

@@ -57,7 +57,7 @@ wait_for() { # description, seconds, command...
 }
 
 step "building kleidi-server from $root"
-(cd "$root" && go build -o "$work/kleidi-server" ./examples/kleidi-server)
+(cd "$root/examples/kleidi-server" && go build -o "$work/kleidi-server" .)
 
 step "getting kube-apiserver (built once and cached; the first build takes several minutes)"
 kas="$("$root/hack/kube-apiserver.sh")"

@@ -85,7 +85,7 @@ vm() { # vm PID FIELD: a field of /proc/PID/status in KiB
 
 log "building into $bin"
 (cd "$here" && go build -o "$bin/kleidi-bench" .)
-(cd "$root" && go build -o "$bin/kleidi-server" ./examples/kleidi-server)
+(cd "$root/examples/kleidi-server" && go build -o "$bin/kleidi-server" .)
 
 machine() {
 	echo "nproc: $(nproc); CPU: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo);" \

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/audit"
+	"github.com/kleidi-kms/kleidi/awskms"
 	"github.com/kleidi-kms/kleidi/gpg"
 	"github.com/kleidi-kms/kleidi/internal/trustedpath"
 	"github.com/kleidi-kms/kleidi/metrics"
@@ -44,6 +45,12 @@ type options struct {
 	pkcs11Token   string
 	pkcs11Key     string
 	pkcs11PINFile string
+	awsKey        string
+	awsSigningKey string
+	awsRegion     string
+	awsEndpoint   string
+	awsContext    stringList
+	awsTimeout    time.Duration
 	log           *slog.Logger
 	devKeyAllowed bool
 	createKeyring bool
@@ -58,7 +65,7 @@ type options struct {
 
 func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.stateDir, "state-dir", defaultStateDir(), "`directory` of the keyring (keyring.json) and of a development key; created with mode 0700")
-	fs.StringVar(&o.provider, "provider", "gpg", "root of trust: gpg (an OpenPGP key), tpm (a TPM 2.0) or pkcs11 (a key on a PKCS#11 token or HSM; needs a cgo build)")
+	fs.StringVar(&o.provider, "provider", "gpg", "root of trust: gpg (an OpenPGP key), tpm (a TPM 2.0), pkcs11 (a key on a PKCS#11 token or HSM; needs a cgo build) or awskms (an AWS KMS key)")
 	fs.Var(&o.gpgPublicKeys, "gpg-public-key", "OpenPGP public key `file` to wrap KEKs to (repeatable; in the environment, comma-separated)")
 	fs.StringVar(&o.gpgPrivateKey, "gpg-private-key", "", "OpenPGP private key `file` that unwraps KEKs; with no gpg key flag, a development key in the state directory")
 	fs.StringVar(&o.gpgPassphrase, "gpg-passphrase-file", "", "`file` holding the passphrase of the private key")
@@ -69,6 +76,12 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.pkcs11Token, "pkcs11-token", "", "`label` of the PKCS#11 token")
 	fs.StringVar(&o.pkcs11Key, "pkcs11-key", "", "`label` of the keys on the token, or id:HEX for their CKA_ID; init creates them if the token lacks them")
 	fs.StringVar(&o.pkcs11PINFile, "pkcs11-pin-file", "", "`file` holding the token's user PIN")
+	fs.StringVar(&o.awsKey, "awskms-key", "", "AWS KMS symmetric `key` that wraps KEKs: key ID, ARN or alias/NAME")
+	fs.StringVar(&o.awsSigningKey, "awskms-signing-key", "", "AWS KMS ECC signing `key` that proves wrapped KEKs: key ID, ARN or alias/NAME")
+	fs.StringVar(&o.awsRegion, "awskms-region", "", "AWS `region` (default: the SDK's, from AWS_REGION or the shared configuration)")
+	fs.StringVar(&o.awsEndpoint, "awskms-endpoint", "", "AWS KMS endpoint `URL` (a VPC or FIPS endpoint, or a compatible server); default: the region's")
+	fs.Var(&o.awsContext, "awskms-context", "`key=value` bound to every wrapped KEK as encryption context (repeatable; in the environment, comma-separated)")
+	fs.DurationVar(&o.awsTimeout, "awskms-timeout", awskms.DefaultTimeout, "`duration` each call to AWS KMS may take, retries included")
 	fs.StringVar(&o.logFormat, "log-format", "auto", "log `format`: text, json, or auto (text on a terminal, else json)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 }
@@ -349,8 +362,25 @@ func (o *options) openProvider(ctx context.Context) (kleidi.Provider, error) {
 			return nil, errors.New("--provider pkcs11 needs --pkcs11-module, --pkcs11-token, --pkcs11-key and --pkcs11-pin-file")
 		}
 		return pkcs11.New(ctx, c)
+	case "awskms":
+		if o.awsKey == "" || o.awsSigningKey == "" {
+			return nil, errors.New("--provider awskms needs --awskms-key and --awskms-signing-key")
+		}
+		c := awskms.Config{KeyID: o.awsKey, SigningKeyID: o.awsSigningKey, Region: o.awsRegion, Endpoint: o.awsEndpoint,
+			Timeout: o.awsTimeout}
+		for _, kv := range o.awsContext {
+			k, v, ok := strings.Cut(kv, "=")
+			if !ok || k == "" {
+				return nil, fmt.Errorf("--awskms-context %q: want key=value", kv)
+			}
+			if c.EncryptionContext == nil {
+				c.EncryptionContext = map[string]string{}
+			}
+			c.EncryptionContext[k] = v
+		}
+		return awskms.New(ctx, c)
 	}
-	return nil, fmt.Errorf("--provider %q: want gpg, tpm or pkcs11", o.provider)
+	return nil, fmt.Errorf("--provider %q: want gpg, tpm, pkcs11 or awskms", o.provider)
 }
 
 // defaultStateDir is /var/lib/kleidi for root, else $XDG_STATE_HOME/kleidi or ~/.local/state/kleidi.

@@ -97,7 +97,7 @@ type goBinary struct {
 }
 
 var (
-	kleidiServerBinary = &goBinary{name: "kleidi-server", moduleDir: ".", pkg: "./examples/kleidi-server"}
+	kleidiServerBinary = &goBinary{name: "kleidi-server", moduleDir: "examples/kleidi-server", pkg: "."}
 	kleidiBenchBinary  = &goBinary{name: "kleidi-bench", moduleDir: "examples/kleidi-bench", pkg: "."}
 )
 
