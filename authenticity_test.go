@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/kleiditest"
@@ -156,21 +157,31 @@ func TestFloodOfForgedRequestsCostsNoRootCalls(t *testing.T) {
 func TestAttachedKeyCacheIsBounded(t *testing.T) {
 	p := kleiditest.NewInsecureProvider()
 	e := newEnvelope(t, p, kleidi.NewMemoryKeyring())
+	const bound = 4096 // a keyring's bound
 	var cs []*kleidi.Ciphertext
-	for range 100 {
+	for range bound + 4 {
 		cs = append(cs, encrypt(t, newEnvelope(t, p, kleidi.NewMemoryKeyring()), "x", ""))
 	}
-	for _, c := range cs {
-		if got := decrypt(t, e, c, ""); got != "x" {
-			t.Fatalf("Decrypt = %q", got)
+	before := p.Calls(kleiditest.OpUnwrap)
+	for range 2 { // the second pass finds every KEK but the 4 oldest in memory
+		for _, c := range cs[4:] {
+			if got := decrypt(t, e, c, ""); got != "x" {
+				t.Fatalf("Decrypt = %q", got)
+			}
 		}
 	}
-	if k := kleidi.CachedKeysForTest(e); k > 1+32 {
-		t.Errorf("after 100 attached KEKs the Envelope holds %d KEKs, want at most 33", k)
+	if n := p.Calls(kleiditest.OpUnwrap) - before; n != bound {
+		t.Errorf("two passes over %d attached KEKs made %d unwraps, want %d: each once", bound, n, bound)
+	}
+	for _, c := range cs[:4] {
+		decrypt(t, e, c, "")
+	}
+	if k := kleidi.CachedKeysForTest(e); k > 1+bound {
+		t.Errorf("after %d attached KEKs the Envelope holds %d KEKs, want at most %d", bound+4, k, 1+bound)
 	}
 	// The oldest was dropped, and is unwrapped again when it comes back.
-	before := p.Calls(kleiditest.OpUnwrap)
-	if got := decrypt(t, e, cs[0], ""); got != "x" {
+	before = p.Calls(kleiditest.OpUnwrap)
+	if got := decrypt(t, e, cs[4], ""); got != "x" {
 		t.Fatalf("Decrypt of the oldest = %q", got)
 	}
 	if n := p.Calls(kleiditest.OpUnwrap) - before; n != 1 {
@@ -212,6 +223,10 @@ func TestProviderPanicFailsOnlyThatCall(t *testing.T) {
 	p.panics.Store(false)
 	if got := decrypt(t, e, c2, ""); got != "two" {
 		t.Errorf("e.Decrypt(c2) after the panic = %q, want %q", got, "two")
+	}
+	time.Sleep(1100 * time.Millisecond) // a panic is remembered as an outage is, for a second
+	if got := decrypt(t, e, c1, ""); got != "one" {
+		t.Errorf("e.Decrypt(c1) a second after the panic = %q, want %q", got, "one")
 	}
 }
 
@@ -278,12 +293,12 @@ func TestKeyringCopyWithABadProofIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Replace the active copy's proof with another (base64) value of the same length.
+	// Replace the first character of the active copy's proof with another base64 character.
 	i := bytes.Index(b, []byte(`"proof": "`)) + len(`"proof": "`)
 	tampered := bytes.Clone(b)
-	tampered[i] ^= 'A' ^ 'B'
-	if tampered[i] == b[i] {
-		t.Fatal("tampering changed nothing")
+	tampered[i] = 'A'
+	if b[i] == 'A' {
+		tampered[i] = 'B'
 	}
 	if err := os.WriteFile(ring.Path(), tampered, 0o600); err != nil {
 		t.Fatal(err)
@@ -332,6 +347,20 @@ func TestKeyringWithoutProofsStillWorks(t *testing.T) {
 	other := newEnvelope(t, kleiditest.NewInsecureProviderWithRoot(root), kleidi.NewMemoryKeyring())
 	if got := decrypt(t, other, c, ""); got != "x" {
 		t.Errorf("another node's Decrypt(c) = %q, want %q", got, "x")
+	}
+	// The first write (a rotation) proves the old copies: the keyring is then of version 2, every copy proved.
+	if _, err := e.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b, err = os.ReadFile(ring.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(b, []byte(`"version": 2`)) || bytes.Count(b, []byte(`"proof"`)) != 2 {
+		t.Errorf("keyring after a rotation:\n%s\nwant version 2 and a proof on both copies", b)
+	}
+	if _, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(ring.Path())); err != nil {
+		t.Errorf("kleidi.NewEnvelope(upgraded keyring) err = %v, want nil", err)
 	}
 }
 
@@ -386,5 +415,35 @@ func TestForgeHelpersFollowTheFormats(t *testing.T) {
 	}
 	if got, want := kleiditest.ProofMessage(id, "gpg", []byte("blob")), kleidi.ProofMessageForTest(id, "gpg", []byte("blob")); !bytes.Equal(got, want) {
 		t.Errorf("kleiditest.ProofMessage = %q, want %q", got, want)
+	}
+}
+
+func TestKeyringCopyWithoutAProofIsRefused(t *testing.T) {
+	// The attack of a keyring copied between nodes, or restored from a backup, that someone edited on the way:
+	// a KEK of their choosing, wrapped to the root (public parts suffice), added as the active key with no proof.
+	p := kleiditest.NewInsecureProvider()
+	ring := fileRing(t)
+	newEnvelope(t, p, ring)
+	kek := bytes.Repeat([]byte{7}, kleidi.KeySize)
+	id := kleidi.KeyIDForTest(p.Name(), kek)
+	blob, err := p.Wrap(ctx, kek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ring.Update(ctx, func(records []kleidi.KeyRecord) ([]kleidi.KeyRecord, error) {
+		for i := range records {
+			records[i].State = kleidi.KeyRetired
+		}
+		return append(records, kleidi.KeyRecord{ID: id, Created: time.Now().UTC().Truncate(time.Second), State: kleidi.KeyActive,
+			Wrapped: []kleidi.WrappedKey{{Root: p.Name(), Blob: blob}}}), nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	before := p.Calls(kleiditest.OpUnwrap)
+	if _, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(ring.Path())); !errors.Is(err, kleidi.ErrUnauthenticated) {
+		t.Errorf("kleidi.NewEnvelope(keyring whose active copy has no proof) err = %v, want kleidi.ErrUnauthenticated", err)
+	}
+	if n := p.Calls(kleiditest.OpUnwrap) - before; n != 0 {
+		t.Errorf("a keyring copy without a proof made %d unwraps, want 0", n)
 	}
 }

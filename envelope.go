@@ -34,8 +34,8 @@ import (
 //
 // # Bounded work
 //
-// Unwrapped KEKs of the keyring stay in memory; KEKs recovered from attached keys are kept up to a small bound,
-// oldest dropped first. A failed unwrap is remembered for a few seconds, so repeating it costs no call to the
+// Unwrapped KEKs of the keyring stay in memory; KEKs recovered from attached keys are kept up to the bound of a
+// keyring (4096), oldest dropped first. A failed unwrap is remembered for a few seconds, so repeating it costs no call to the
 // root. A panic of the provider during an unwrap fails that call only.
 type Envelope struct {
 	provider      Provider
@@ -65,7 +65,9 @@ type Envelope struct {
 // Bounds of the KEK cache.
 const (
 	// maxAttachedKeys bounds the KEKs kept in memory that are not in the keyring (recovered from attached keys).
-	maxAttachedKeys = 32
+	// Only legitimate holders make attached keys that pass the proof, so there are few: the bound is that of a
+	// keyring, and cycling through more genuine keys than it holds is the only way to make a KEK unwrap twice.
+	maxAttachedKeys = maxKeyRecords
 	// failureTTL is how long a refused unwrap is remembered; outageTTL, one that failed because the root of
 	// trust was unavailable or slow, so that its return is seen soon.
 	failureTTL = 5 * time.Second
@@ -234,10 +236,10 @@ func (e *Envelope) Encrypt(ctx context.Context, plaintext, associatedData []byte
 	if len(plaintext) > MaxPlaintextSize {
 		return nil, fmt.Errorf("kleidi: encrypt: plaintext of %d bytes: %w (max %d)", len(plaintext), ErrTooLarge, MaxPlaintextSize)
 	}
+	act := e.active.Load()
 	if e.closed.Load() {
 		return nil, fmt.Errorf("kleidi: encrypt: %w", ErrClosed)
 	}
-	act := e.active.Load()
 	if n := act.kek.uses.Add(1); n > e.usageLimit {
 		act.kek.uses.Add(^uint64(0))
 		return nil, fmt.Errorf("kleidi: encrypt: key %s: %w after %d messages: rotate", act.kek.id, ErrKeyExhausted, e.usageLimit)
@@ -301,9 +303,9 @@ func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, e
 	return e.unwrapShared(ctx, id, [][]byte{blob}, true)
 }
 
-// ownCopies returns the blobs of r's copies wrapped by root, after checking the proof of each copy that has one
-// with auth (a copy without one is trusted: it comes from the keyring file). A copy whose proof fails is skipped;
-// with no copy left, the error says why.
+// ownCopies returns the blobs of r's copies wrapped by root. With an Authenticator, each copy must carry a proof
+// that verifies, except a copy read from a keyring of version 1, written before proofs, which is trusted as local
+// state. A copy that fails is skipped; with no copy left, the error says why.
 func ownCopies(ctx context.Context, r KeyRecord, root string, auth Authenticator) ([][]byte, error) {
 	var blobs [][]byte
 	var errs []error
@@ -311,11 +313,9 @@ func ownCopies(ctx context.Context, r KeyRecord, root string, auth Authenticator
 		if w.Root != root {
 			continue
 		}
-		if auth != nil && w.Proof != nil {
-			if err := auth.Verify(ctx, proofMessage(r.ID, root, w.Blob), w.Proof); err != nil {
-				errs = append(errs, err)
-				continue
-			}
+		if err := checkCopy(ctx, auth, r.ID, w); err != nil {
+			errs = append(errs, err)
+			continue
 		}
 		blobs = append(blobs, w.Blob)
 	}
@@ -326,6 +326,20 @@ func ownCopies(ctx context.Context, r KeyRecord, root string, auth Authenticator
 		return nil, fmt.Errorf("key %s: %w: the keyring holds no copy wrapped by root %s", r.ID, ErrUnwrap, root)
 	}
 	return blobs, nil
+}
+
+// checkCopy returns nil if w, a keyring copy of KEK id, may be unwrapped: its proof verifies with auth, or auth is
+// nil (the root cannot prove), or it was read from a keyring of version 1.
+func checkCopy(ctx context.Context, auth Authenticator, id string, w WrappedKey) error {
+	switch {
+	case auth == nil:
+		return nil
+	case w.Proof != nil:
+		return auth.Verify(ctx, proofMessage(id, w.Root, w.Blob), w.Proof)
+	case w.legacy:
+		return nil
+	}
+	return fmt.Errorf("%w: a copy without a proof in a keyring of version %d", ErrUnauthenticated, keyringVersion)
 }
 
 // unwrapShared unwraps KEK id from blobs, unless the same unwrap failed a moment ago; concurrent calls for the
@@ -361,8 +375,7 @@ func (e *Envelope) unwrap(ctx context.Context, id string, blobs [][]byte, attach
 	start := time.Now()
 	defer func() {
 		if r := recover(); r != nil {
-			// The panic value may hold what the provider was parsing: it is not part of the error.
-			k, err = nil, fmt.Errorf("unwrap key %s: provider %s panicked", id, e.provider.Name())
+			k, err = nil, fmt.Errorf("unwrap key %s: %w", id, providerPanic(e.provider.Name()))
 		}
 		if err != nil {
 			e.failures.put(failure, err)
@@ -412,11 +425,11 @@ func (e *Envelope) cache(k *kek, attached bool) {
 	keys[k.id] = k
 	if attached {
 		e.attached = append(e.attached, k.id)
-		records, act := *e.records.Load(), e.active.Load()
+		records := *e.records.Load()
 		for len(e.attached) > maxAttachedKeys {
 			old := e.attached[0]
 			e.attached = e.attached[1:]
-			if _, inRing := records[old]; !inRing && (act == nil || act.kek.id != old) {
+			if _, inRing := records[old]; !inRing { // the active key is always in the keyring
 				delete(keys, old)
 			}
 		}
@@ -486,6 +499,9 @@ func (e *Envelope) Rotate(ctx context.Context) (id string, err error) {
 			}
 			records[i].State = KeyRetired
 		}
+		if err := e.proveLegacyCopies(ctx, records); err != nil {
+			return nil, err
+		}
 		return append(records, KeyRecord{
 			ID:      id,
 			Created: time.Now().UTC().Truncate(time.Second),
@@ -501,6 +517,26 @@ func (e *Envelope) Rotate(ctx context.Context) (id string, err error) {
 		return "", fmt.Errorf("kleidi: rotate: %w", err)
 	}
 	return id, nil
+}
+
+// proveLegacyCopies adds proofs to the copies of e's root that were read from a keyring of version 1, so that the
+// keyring written next is of version 2, where every copy of an Authenticator root carries a proof.
+func (e *Envelope) proveLegacyCopies(ctx context.Context, records []KeyRecord) error {
+	if e.auth == nil {
+		return nil
+	}
+	for i, r := range records {
+		for j, w := range r.Wrapped {
+			if w.legacy && w.Proof == nil && w.Root == e.provider.Name() {
+				proof, err := prove(ctx, e.auth, w.Root, r.ID, w.Blob)
+				if err != nil {
+					return fmt.Errorf("key %s: %w", r.ID, err)
+				}
+				records[i].Wrapped[j].Proof = proof
+			}
+		}
+	}
+	return nil
 }
 
 // Reload reads the keyring again and switches to its active KEK, for a keyring that another process (a rotate
@@ -550,7 +586,7 @@ func (e *Envelope) apply(ctx context.Context, records []KeyRecord) error {
 	var attached []byte
 	if e.auth != nil {
 		proof := ownProof(active, root, blobs[0])
-		if proof == nil { // a copy from a keyring written before proofs: trusted, as the file is
+		if proof == nil { // a copy read from a keyring of version 1 (ownCopies accepts no other without a proof)
 			if proof, err = prove(ctx, e.auth, root, active.ID, blobs[0]); err != nil {
 				return fmt.Errorf("kleidi: active key %s: %w", active.ID, err)
 			}
@@ -584,6 +620,10 @@ func (e *Envelope) Close() error {
 	if e.closed.Swap(true) {
 		return nil
 	}
+	// The active key keeps its ID, for KeyID and Stats, and loses its cipher. Encrypt loads the active key before
+	// it checks closed, so a call that finds this one returns ErrClosed.
+	act := e.active.Load()
+	e.active.Store(&activeKey{kek: &kek{id: act.kek.id, header: act.kek.header}})
 	e.keys.Store(&map[string]*kek{})
 	e.attached = nil
 	e.failures.reset()
@@ -642,7 +682,13 @@ func Rewrap(ctx context.Context, ring Keyring, from, to Provider) error {
 	return nil
 }
 
-// failureCache remembers failed unwraps for [failureTTL] ([outageTTL] for an outage), at most [maxFailures] of them, so that a request
+// providerPanic is the error of an unwrap whose provider panicked. The panic value is not part of it: it may hold
+// what the provider was parsing.
+type providerPanic string
+
+func (p providerPanic) Error() string { return "provider " + string(p) + " panicked" }
+
+// failureCache remembers failed unwraps for [failureTTL] ([outageTTL] for an outage or a panic), at most [maxFailures] of them, so that a request
 // repeated in a flood costs no call to the root of trust.
 type failureCache struct {
 	mu sync.Mutex
@@ -696,7 +742,9 @@ func (c *failureCache) put(key [32]byte, err error) {
 		}
 	}
 	ttl := failureTTL
-	if errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+	var panicked providerPanic
+	if errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
+		errors.As(err, &panicked) {
 		ttl = outageTTL
 	}
 	c.m[key] = failure{err: err, until: now.Add(ttl)}

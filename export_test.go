@@ -21,5 +21,13 @@ func SealForTest(id string, key, plaintext []byte) *Ciphertext {
 	return &Ciphertext{raw: k.seal(plaintext, nil), keyIDLen: len(id)}
 }
 
-// CachedKeysForTest returns how many unwrapped KEKs e holds.
-func CachedKeysForTest(e *Envelope) int { return len(*e.keys.Load()) }
+// CachedKeysForTest returns how many unwrapped KEKs e holds: those of its cache, and the active key's if it is not
+// among them.
+func CachedKeysForTest(e *Envelope) int {
+	keys := *e.keys.Load()
+	n := len(keys)
+	if act := e.active.Load().kek; act.aead != nil && keys[act.id] != act {
+		n++
+	}
+	return n
+}

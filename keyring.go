@@ -42,6 +42,10 @@ type WrappedKey struct {
 	// Proof is what [Authenticator.Prove] of the root returned over the copy (see [Envelope]), or nil for a copy
 	// made by a root that is not an Authenticator or by a version of kleidi before proofs (keyring version 1).
 	Proof []byte `json:"proof,omitempty"`
+
+	// legacy marks a copy read from a keyring of version 1, written before proofs: the only copies without a proof
+	// that an Authenticator root accepts, as local state. A keyring stays version 1 while it holds such a copy.
+	legacy bool
 }
 
 // Keyring stores the list of wrapped KEKs. It holds nothing secret. Implementations are safe for concurrent
@@ -78,7 +82,15 @@ func encodeKeyring(records []KeyRecord) ([]byte, error) {
 	if err := checkRecords(records); err != nil {
 		return nil, err
 	}
-	b, err := json.MarshalIndent(keyringFile{Format: keyringFormat, Version: keyringVersion, Keys: records}, "", "  ")
+	version := keyringVersion
+	for _, r := range records {
+		for _, w := range r.Wrapped {
+			if w.legacy && w.Proof == nil {
+				version = 1 // until every copy read from version 1 is proved, or replaced
+			}
+		}
+	}
+	b, err := json.MarshalIndent(keyringFile{Format: keyringFormat, Version: version, Keys: records}, "", "  ")
 	if err != nil {
 		return nil, err
 	}
@@ -118,6 +130,13 @@ func parseKeyring(b []byte) ([]KeyRecord, error) {
 	}
 	if err := checkRecords(f.Keys); err != nil {
 		return nil, err
+	}
+	if f.Version == 1 {
+		for i := range f.Keys {
+			for j := range f.Keys[i].Wrapped {
+				f.Keys[i].Wrapped[j].legacy = true
+			}
+		}
 	}
 	return f.Keys, nil
 }

@@ -128,10 +128,11 @@ func equalInts(a, b []int) bool {
 	return true
 }
 
-// commandLog records the command codes sent through a provider's connection.
+// commandLog records the commands sent through a provider's connection: their codes, and their bytes.
 type commandLog struct {
 	mu    sync.Mutex
 	codes []tpm2.TPMCC
+	raw   [][]byte
 }
 
 func (l *commandLog) count(cc tpm2.TPMCC) int {
@@ -162,6 +163,7 @@ func (c loggingTPM) Send(cmd []byte) ([]byte, error) {
 	if len(cmd) >= 10 {
 		c.log.mu.Lock()
 		c.log.codes = append(c.log.codes, tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:10])))
+		c.log.raw = append(c.log.raw, bytes.Clone(cmd))
 		c.log.mu.Unlock()
 	}
 	return c.TPMCloser.Send(cmd)

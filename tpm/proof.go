@@ -74,7 +74,7 @@ func (p *Provider) Prove(ctx context.Context, message []byte) ([]byte, error) {
 // TPM. When the proof key cannot be derived, errors wrap [kleidi.ErrUnavailable] (the TPM cannot be reached; the
 // failure is returned again for a second before the TPM is asked again) or [kleidi.ErrUnauthenticated].
 func (p *Provider) Verify(ctx context.Context, message, proof []byte) error {
-	if len(proof) > kleidi.MaxProofSize || len(proof) != ProofSize {
+	if len(proof) != ProofSize {
 		return fmt.Errorf("tpm: verify: %w: a proof of %d bytes, want %d", kleidi.ErrUnauthenticated, len(proof), ProofSize)
 	}
 	mac, err := p.proofOf(ctx, message)
@@ -138,13 +138,17 @@ func (p *Provider) deriveProofKey(ctx context.Context) ([]byte, error) {
 		if err != nil {
 			return err
 		}
+		// The auth value travels in the first parameter, encrypted by a session salted with the pinned SRK, so that
+		// no one on the bus reads it (as Wrap protects the sealed key's).
+		enc := tpm2.HMAC(tpm2.TPMAlgSHA256, 16, tpm2.Salted(srk.handle, srk.public), tpm2.AESEncryption(128, tpm2.EncryptIn))
+		defer flushSession(t, enc)
 		cp, err := tpm2.CreatePrimary{
 			PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
 			InSensitive: tpm2.TPM2BSensitiveCreate{Sensitive: &tpm2.TPMSSensitiveCreate{
 				UserAuth: tpm2.TPM2BAuth{Buffer: p.auth},
 			}},
 			InPublic: tpm2.New2B(proofTemplate(policy, p.auth)),
-		}.Execute(t)
+		}.Execute(t, enc)
 		if err != nil {
 			return err
 		}

@@ -5,6 +5,7 @@ package tpm
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"strings"
@@ -306,4 +307,39 @@ func FuzzVerify(f *testing.F) {
 			t.Fatalf("p.Verify(ctx, msg, proof) = %v, want nil or an error wrapping kleidi.ErrUnauthenticated", err)
 		}
 	})
+}
+
+// TestAuthValueNeverOnTheBus watches every command a provider with an auth value sends, from its first proof to a
+// wrap and an unwrap: none carries the auth value in clear, so an interposer on the bus learns nothing of it.
+func TestAuthValueNeverOnTheBus(t *testing.T) {
+	secret := make([]byte, 16)
+	rand.Read(secret)
+	p := newSimProvider(t, Config{PCRs: []int{7}, AuthFile: writeAuthFile(t, hex.EncodeToString(secret))}) // 32 bytes
+	log := recordCommands(t, p)
+	ctx := context.Background()
+	proof, err := p.Prove(ctx, []byte("m"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Verify(ctx, []byte("m"), proof); err != nil {
+		t.Fatal(err)
+	}
+	blob, err := p.Wrap(ctx, make([]byte, kleidi.KeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Unwrap(ctx, blob); err != nil {
+		t.Fatal(err)
+	}
+	auth := []byte(hex.EncodeToString(secret))
+	log.mu.Lock()
+	defer log.mu.Unlock()
+	if len(log.raw) == 0 {
+		t.Fatal("no command recorded")
+	}
+	for i, cmd := range log.raw {
+		if bytes.Contains(cmd, auth) {
+			t.Errorf("command %d (code %v) carries the auth value in clear", i, log.codes[i])
+		}
+	}
 }
