@@ -117,6 +117,10 @@ func (k *FileKeyring) checkLock(f *os.File) error {
 	if !fi.Mode().IsRegular() || !ok {
 		return fmt.Errorf("kleidi: lock file %s is not a regular file: %w", f.Name(), ErrInvalidKeyring)
 	}
+	if st.Nlink != 1 {
+		// A hard link to another file: giving it to the directory's owner would give away that file.
+		return fmt.Errorf("kleidi: lock file %s has %d links: %w", f.Name(), st.Nlink, ErrInvalidKeyring)
+	}
 	if os.Geteuid() != 0 || st.Uid != 0 {
 		return nil
 	}

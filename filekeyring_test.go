@@ -41,6 +41,36 @@ func TestFileKeyringLockSymlink(t *testing.T) {
 	}
 }
 
+// TestFileKeyringLockHardLink: the plugin's user plants the lock file as a hard link to a root-owned file; root,
+// rotating, must not give that file to the plugin's user (as it gives a lock file it created itself).
+func TestFileKeyringLockHardLink(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := t.TempDir()
+	if err := os.Chown(dir, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	victim := filepath.Join(dir, "victim") // root's file, in the same filesystem
+	if err := os.WriteFile(victim, []byte("root's"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ring := kleidi.NewFileKeyring(filepath.Join(dir, "keyring.json"))
+	if err := os.Link(victim, ring.Path()+".lock"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ring.Load(context.Background()); !errors.Is(err, kleidi.ErrInvalidKeyring) {
+		t.Errorf("Load() with a hard-linked lock file err = %v, want ErrInvalidKeyring", err)
+	}
+	fi, err := os.Stat(victim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uid := fi.Sys().(*syscall.Stat_t).Uid; uid != 0 {
+		t.Errorf("the hard link's target now belongs to uid %d, want 0", uid)
+	}
+}
+
 // TestFileKeyringUnsafeFile refuses a keyring that is a symbolic link or that another user may write.
 func TestFileKeyringUnsafeFile(t *testing.T) {
 	ring, _ := newFileKeyring(t)

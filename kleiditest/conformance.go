@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -26,7 +27,8 @@ import (
 // wrapping [kleidi.ErrUnwrap] and without panic, that no error carries the key, concurrent use, that a cancelled
 // context is honoured, Health, and that Close makes later calls fail with [kleidi.ErrClosed]. For a provider that
 // is a [kleidi.Authenticator], it checks that its proofs verify, fit [kleidi.MaxProofSize], and that a proof of
-// another message, an altered, truncated, empty, oversized or random proof is refused with an error wrapping
+// another message, an altered, truncated, empty, oversized or random proof, or an unkeyed SHA-256 of the message,
+// is refused with an error wrapping
 // [kleidi.ErrUnauthenticated].
 func TestProvider(t *testing.T, newProvider func(t *testing.T) kleidi.Provider) {
 	t.Helper()
@@ -206,6 +208,7 @@ func TestProvider(t *testing.T, newProvider func(t *testing.T) kleidi.Provider) 
 		}
 		random := make([]byte, len(proof))
 		rand.Read(random)
+		digest := sha256.Sum256(message) // what anyone can compute: a proof must need the root's secret
 		for name, c := range map[string]struct{ message, proof []byte }{
 			"another message": {append(bytes.Clone(message), '!'), proof},
 			"altered message": {flip(message, 0), proof},
@@ -214,6 +217,7 @@ func TestProvider(t *testing.T, newProvider func(t *testing.T) kleidi.Provider) 
 			"empty proof":     {message, nil},
 			"oversized proof": {message, make([]byte, kleidi.MaxProofSize+1)},
 			"random proof":    {message, random},
+			"unkeyed digest":  {message, digest[:]},
 		} {
 			if err := auth.Verify(ctx, c.message, c.proof); !errors.Is(err, kleidi.ErrUnauthenticated) {
 				t.Errorf("p.Verify(ctx, %s) = %v, want an error wrapping kleidi.ErrUnauthenticated", name, err)

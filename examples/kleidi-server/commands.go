@@ -190,7 +190,9 @@ func runRewrap(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := o.setup(stderr); err != nil {
 		return err
 	}
-	if exists, err := o.keyringExists(); err != nil || !exists {
+	if exists, err := o.keyringExists(); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	} else if !exists {
 		return fmt.Errorf("no keyring in %s: run kleidi-server init first", o.stateDir)
 	}
 	to, err := o.openProvider(ctx)
@@ -249,7 +251,9 @@ func refuseRemovedRecipients(ctx context.Context, ring kleidi.Keyring, to kleidi
 			if w.Root != p.Name() {
 				continue
 			}
-			if err := p.CheckRecipients(w.Blob); errors.Is(err, gpg.ErrRecipientRemoved) {
+			if err := p.CheckRecipients(w.Blob); err != nil && !errors.Is(err, gpg.ErrRecipientRemoved) {
+				return fmt.Errorf("key %s: %w", r.ID, err)
+			} else if err != nil {
 				return fmt.Errorf("key %s: %w. Rewrapping would revoke nothing: every Secret stored so far carries a copy "+
 					"for the removed key. To remove a recipient, rotate with the remaining recipients (kleidi-server rotate with the "+
 					"new --gpg-public-key list) and re-encrypt every Secret (kubectl get secrets -A -o json | kubectl replace -f -)", r.ID, err)

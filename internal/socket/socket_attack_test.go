@@ -30,8 +30,9 @@ func TestMain(m *testing.M) {
 }
 
 // race dials, until its standard input closes, every name under dir a socket could be bound at: the socket,
-// the temporary name of the listening process pid, and every entry of dir and of its subdirectories. It keeps
-// each connection it makes open, so that a server that accepts it has served another user.
+// the temporary name of the listening process pid, and every entry of dir and of each of its subdirectories
+// (the private directories a socket is bound in first). It keeps each connection it makes open, so that a server
+// that accepts it has served another user.
 func race(dir, pid string) {
 	done := make(chan struct{})
 	go func() {
@@ -54,7 +55,11 @@ func race(dir, pid string) {
 			entries, _ := os.ReadDir(dir)
 			for _, e := range entries {
 				p := filepath.Join(dir, e.Name())
-				names = append(names, p, filepath.Join(p, "kms.sock"))
+				names = append(names, p)
+				sub, _ := os.ReadDir(p) // a private bind directory: every name in it, whatever it is called
+				for _, s := range sub {
+					names = append(names, filepath.Join(p, s.Name()))
+				}
 			}
 		}
 		for _, n := range names {
