@@ -28,14 +28,15 @@ const (
 // plugin is one kleidi-server, run as a non-root uid when the test runs as root.
 type plugin struct {
 	bin           string
-	provider      string // gpg | tpm
+	provider      string // gpg | tpm | pkcs11 | awskms
 	dir           string // everything of this plugin: state, socket, logs
 	stateDir      string
 	sockDir       string
 	sock          string
 	httpAddr      string
 	providerFlags []string
-	uid           int // -1: run as the test's own uid
+	env           []string // added to the environment of every kleidi-server process that opens the root
+	uid           int      // -1: run as the test's own uid
 	procs         *procs
 	proc          *proc
 }
@@ -96,7 +97,7 @@ func (p *plugin) endpoint() string { return "unix://" + p.sock }
 // cli runs a kleidi-server subcommand as the plugin's uid and fails the test on error.
 func (p *plugin) cli(t testing.TB, args ...string) string {
 	t.Helper()
-	return mustRun(t, nil, as(p.uid, append([]string{p.bin}, args...)...)...)
+	return mustRun(t, p.env, as(p.uid, append([]string{p.bin}, args...)...)...)
 }
 
 // start runs kleidi-server serve and waits until its Status is healthy.
@@ -109,7 +110,7 @@ func (p *plugin) start(t testing.TB) {
 		"--audit-log=" + filepath.Join(p.dir, "audit.log"),
 		"--log-format=text",
 	}, p.commonFlags()...)
-	p.proc = p.procs.start(t, "kleidi-server", filepath.Join(p.dir, "kleidi-server.log"), nil, as(p.uid, args...)...)
+	p.proc = p.procs.start(t, "kleidi-server", filepath.Join(p.dir, "kleidi-server.log"), p.env, as(p.uid, args...)...)
 	p.waitHealthy(t, 30*time.Second)
 }
 

@@ -117,6 +117,7 @@ func (g *goBinary) build(t testing.TB) string {
 		g.path = filepath.Join(dir, g.name)
 		cmd := exec.Command("go", "build", "-o", g.path, g.pkg)
 		cmd.Dir = filepath.Join(repoRoot, g.moduleDir)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=1") // the pkcs11 provider needs cgo
 		if out, err := cmd.CombinedOutput(); err != nil {
 			g.err = fmt.Errorf("go build %s: %v\n%s", g.name, err, out)
 			return

@@ -24,13 +24,20 @@ func TestKleidiGPG(t *testing.T) { runScenarios(t, "gpg") }
 
 func TestKleidiTPM(t *testing.T) { runScenarios(t, "tpm") }
 
-// env is one control plane (etcd, kube-apiserver, kleidi-server and, for the
-// tpm provider, swtpm) shared by the scenarios of one provider, run in order.
+func TestKleidiPKCS11(t *testing.T) { runScenarios(t, "pkcs11") }
+
+func TestKleidiAWSKMS(t *testing.T) { runScenarios(t, "awskms") }
+
+// env is one control plane (etcd, kube-apiserver, kleidi-server and the root of
+// trust's own process or files: swtpm, a SoftHSM token, local-kms) shared by the
+// scenarios of one provider, run in order.
 type env struct {
 	provider string
 	dir      string
 	procs    *procs
 	tpm      *swtpm
+	hsm      *softHSM
+	kms      *localKMS
 	plugin   *plugin
 	c        *cluster
 	ns       string
@@ -80,11 +87,13 @@ func runScenarios(t *testing.T, provider string) {
 		{"6_non_root_socket", e.nonRoot},
 		{"7_tampered_etcd_value", e.tampered},
 	}
-	if provider == "tpm" {
+	// Each root of trust that can go away here goes away once, and comes back.
+	outage := map[string]string{"tpm": "8_tpm_outage", "pkcs11": "8_pkcs11_token_away", "awskms": "8_awskms_outage"}
+	if name, ok := outage[provider]; ok {
 		scenarios = append(scenarios, struct {
 			name string
 			fn   func(t *testing.T)
-		}{"8_tpm_outage", e.tpmOutage})
+		}{name, e.rootOutage})
 	}
 	for _, s := range scenarios {
 		start := time.Now()
@@ -100,7 +109,7 @@ func runScenarios(t *testing.T, provider string) {
 }
 
 func (e *env) setup(t testing.TB) {
-	var flags []string
+	var flags, env []string
 	switch e.provider {
 	case "gpg":
 		// The key lives outside the state directory so that scenario 5 can lose
@@ -127,8 +136,25 @@ func (e *env) setup(t testing.TB) {
 		}
 		e.tpm = startSwtpm(t, e.procs, filepath.Join(e.dir, "swtpm"), uid)
 		flags = []string{"--tpm=" + e.tpm.addr(), "--tpm-pcrs=7"}
+	case "pkcs11":
+		uid := -1
+		if os.Geteuid() == 0 {
+			uid = pluginUID
+		}
+		start := time.Now()
+		// The token lives outside the state directory so that scenario 5 can lose
+		// the keyring and keep the root of trust.
+		e.hsm = newSoftHSM(t, filepath.Join(e.dir, "softhsm"), "kleidi-e2e", uid)
+		t.Logf("SoftHSM token initialised in %s", time.Since(start).Round(time.Millisecond))
+		flags, env = e.hsm.flags("kleidi-e2e", "kleidi"), e.hsm.env()
+	case "awskms":
+		e.kms = startLocalKMS(t, e.procs, filepath.Join(e.dir, "local-kms"))
+		flags, env = awsKMSPlugin(t, e.kms)
+	default:
+		t.Fatalf("no end-to-end setup for provider %q", e.provider)
 	}
 	e.plugin = newPlugin(t, e.procs, filepath.Join(e.dir, "kleidi"), e.provider, flags)
+	e.plugin.env = env
 	start := time.Now()
 	e.plugin.cli(t, append([]string{"init"}, e.plugin.commonFlags()...)...)
 	t.Logf("kleidi-server init in %s", time.Since(start).Round(time.Millisecond))
@@ -627,12 +653,26 @@ func (e *env) kmsOpsFailed(t testing.TB, method string) float64 {
 	return all - e.kmsOps(t, method)
 }
 
-// Scenario 8 (tpm): swtpm dies; the plugin reports unhealthy within seconds and
-// the apiserver's KMS health check follows; swtpm comes back and so does the
-// plugin, without a restart.
-func (e *env) tpmOutage(t *testing.T) {
+// Scenario 8 (tpm, pkcs11, awskms): the root of trust goes away (swtpm dies, the
+// SoftHSM token directory is moved away, local-kms dies); the plugin reports
+// unhealthy within seconds and the apiserver's KMS health check follows, while
+// cached reads carry on; the root comes back (swtpm and local-kms restarted on
+// the same socket or port and state, the token directory moved back) and so
+// does the plugin, without a restart.
+func (e *env) rootOutage(t *testing.T) {
+	var down, up func(t testing.TB)
+	switch e.provider {
+	case "tpm":
+		down, up = func(testing.TB) { e.tpm.proc.kill9() }, e.tpm.start
+	case "pkcs11":
+		down, up = e.hsm.remove, e.hsm.restore
+	case "awskms":
+		down, up = func(testing.TB) { e.kms.proc.kill9() }, e.kms.start
+	default:
+		t.Fatalf("no outage for provider %q", e.provider)
+	}
 	pid := e.plugin.proc.pid()
-	e.tpm.proc.kill9()
+	down(t)
 	eventually(t, 20*time.Second, 200*time.Millisecond, "plugin Status unhealthy", func() error {
 		st, err := e.plugin.status()
 		if err != nil {
@@ -648,7 +688,7 @@ func (e *env) tpmOutage(t *testing.T) {
 	defer cancel()
 	statusCmd := as(e.plugin.uid, e.plugin.bin, "status", "--listen="+e.plugin.endpoint())
 	if out, err := run(ctx, nil, statusCmd...); err == nil {
-		t.Errorf("kleidi-server status exits 0 while the TPM is gone:\n%s", out)
+		t.Errorf("kleidi-server status exits 0 while the root of trust is gone:\n%s", out)
 	}
 	eventually(t, 60*time.Second, time.Second, "apiserver /healthz/kms-providers reports the failure", func() error {
 		code, body, err := e.kmsHealthz()
@@ -664,13 +704,13 @@ func (e *env) tpmOutage(t *testing.T) {
 	// Reads of already cached seeds keep working during the outage.
 	e.checkAllSecrets(t)
 
-	e.tpm.start(t)
+	up(t)
 	e.plugin.waitHealthy(t, 60*time.Second)
 	if e.plugin.proc.exited() || e.plugin.proc.pid() != pid {
 		t.Fatal("the plugin was restarted")
 	}
 	if out, err := run(ctx, nil, statusCmd...); err != nil {
-		t.Errorf("kleidi-server status after the TPM came back: %v\n%s", err, out)
+		t.Errorf("kleidi-server status after the root of trust came back: %v\n%s", err, out)
 	}
 	e.waitAPIServerKMSHealthy(t)
 	name := e.addSecret(t)
