@@ -100,13 +100,16 @@ type Record struct {
 // nothing. Beyond [MaxPending] bytes the pending records are dropped ([Logger.LostRecords]), and the next write
 // begins with an audit.open record that says how many were lost.
 type Logger struct {
-	mu      sync.Mutex
-	flushed *sync.Cond // signalled when a batch is written
-	path    string     // "" for a stream
-	w       io.Writer
-	logger  *slog.Logger
-	wake    chan struct{} // tells the writer goroutine there are pending records
-	closed  bool
+	// switchMu serialises Reopen and Close: each waits for batches with mu released (flushed.Wait), and two
+	// file switches interleaved there would each write a checkpoint and an opening record.
+	switchMu sync.Mutex
+	mu       sync.Mutex
+	flushed  *sync.Cond // signalled when a batch is written
+	path     string     // "" for a stream
+	w        io.Writer
+	logger   *slog.Logger
+	wake     chan struct{} // tells the writer goroutine there are pending records
+	closed   bool
 
 	pending  []byte            // lines encoded but not yet wholly written, from the start of a line
 	skip     int               // how many bytes of pending a failed write wrote already
@@ -322,6 +325,8 @@ func (l *Logger) Reopen() error {
 		l.Flush()
 		return nil
 	}
+	l.switchMu.Lock()
+	defer l.switchMu.Unlock()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
@@ -365,6 +370,8 @@ func sameFile(a, b *os.File) bool {
 // made by OpenFile. Records logged after Close are dropped and counted by [Logger.LostRecords]. It returns an
 // error wrapping [ErrWrite] when records could not be written.
 func (l *Logger) Close() error {
+	l.switchMu.Lock()
+	defer l.switchMu.Unlock()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
