@@ -90,7 +90,26 @@ func TestHelmTemplate(t *testing.T) {
 				}
 			} else {
 				// Neither the tss group nor the TPM device reaches a pod that does not use them.
-				mustNotMatch(t, "DaemonSet", text, `supplementalGroups|tpmrm0|--tpm|cdi\.k8s\.io`)
+				mustNotMatch(t, "DaemonSet", text, `tpmrm0|--tpm|cdi\.k8s\.io`)
+			}
+			if want.provider != "pkcs11" {
+				mustNotMatch(t, "DaemonSet", text, `pkcs11`)
+			}
+			if want.provider != "awskms" {
+				mustNotMatch(t, "DaemonSet", text, `awskms|AWS_`)
+			}
+			provider := want.provider
+			if want.tpm {
+				provider = "tpm"
+			}
+			switch provider {
+			case "tpm":
+			case "pkcs11":
+				checkPKCS11(t, text)
+			case "awskms":
+				checkAWSKMS(t, text, want.awsCredentialsFile)
+			case "":
+				mustNotMatch(t, "DaemonSet", text, `supplementalGroups`)
 				mustMatch(t, "DaemonSet", text, `- --provider=gpg\n`, 1)
 				mustMatch(t, "DaemonSet", text, `- --gpg-private-key=/etc/kleidi/gpg/private.asc\n`, 1)
 				mustMatch(t, "DaemonSet", text, `name: gpg-keys\n\s+mountPath: /etc/kleidi/gpg\n\s+readOnly: true\n|mountPath: /etc/kleidi/gpg\n\s+name: gpg-keys\n\s+readOnly: true\n`, 1)
@@ -121,10 +140,15 @@ func TestHelmTemplate(t *testing.T) {
 			if got := len(byKind(ms, "PrometheusRule")); got != b2i(want.prometheusRule) {
 				t.Errorf("want %d PrometheusRule, got %d", b2i(want.prometheusRule), got)
 			}
+			// pkcs11 loads its module with dlopen: only the cgo image can.
+			tag := "0.1.0"
+			if want.provider == "pkcs11" {
+				tag = "0.1.0-cgo"
+			}
 			if want.digest != "" {
-				mustMatch(t, "DaemonSet", text, `image: ghcr.io/kleidi-kms/kleidi:0.1.0@`+want.digest+`\n`, 1)
+				mustMatch(t, "DaemonSet", text, `image: ghcr.io/kleidi-kms/kleidi:`+tag+`@`+want.digest+`\n`, 1)
 			} else {
-				mustMatch(t, "DaemonSet", text, `image: ghcr.io/kleidi-kms/kleidi:0.1.0\n`, 1)
+				mustMatch(t, "DaemonSet", text, `image: ghcr.io/kleidi-kms/kleidi:`+tag+`\n`, 1)
 			}
 			if len(byKind(ms, "ServiceAccount")) != 1 {
 				t.Error("want one ServiceAccount")
@@ -140,26 +164,32 @@ func TestHelmTemplate(t *testing.T) {
 
 // chartCase says what each ci/*.yaml must render. A new value file needs an entry in chartCases.
 type chartCase struct {
-	tpm         bool
-	tpmWay      string // devicePlugin, cdi or hostPath
-	tpmNode     string // the node named in tpm.nodeName
-	gpgSecret   bool
-	hostNetwork bool
-	service     bool
+	// provider is pkcs11 or awskms for those providers; tpm says provider tpm; neither is gpg.
+	provider           string
+	awsCredentialsFile bool // awskms.credentialsHostDir set
+	tpm                bool
+	tpmWay             string // devicePlugin, cdi or hostPath
+	tpmNode            string // the node named in tpm.nodeName
+	gpgSecret          bool
+	hostNetwork        bool
+	service            bool
 	// serviceMonitor and prometheusRule: the prometheus-operator objects.
 	serviceMonitor, prometheusRule bool
 	digest                         string
 }
 
 var chartCases = map[string]chartCase{
-	"gpg.yaml":                    {service: true},
-	"gpg-secret.yaml":             {gpgSecret: true, service: true},
-	"tpm.yaml":                    {tpm: true, tpmWay: "hostPath", service: true},
-	"tpm-device-plugin.yaml":      {tpm: true, tpmWay: "devicePlugin", tpmNode: "cp-1", hostNetwork: true, service: true},
-	"tpm-cdi.yaml":                {tpm: true, tpmWay: "cdi", tpmNode: "cp-1", service: true},
-	"metrics-off.yaml":            {},
-	"metrics-servicemonitor.yaml": {service: true, serviceMonitor: true, prometheusRule: true},
-	"subchart.yaml":               {service: true, digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},
+	"gpg.yaml":                     {service: true},
+	"gpg-secret.yaml":              {gpgSecret: true, service: true},
+	"tpm.yaml":                     {tpm: true, tpmWay: "hostPath", service: true},
+	"pkcs11.yaml":                  {provider: "pkcs11", service: true},
+	"awskms.yaml":                  {provider: "awskms", service: true},
+	"awskms-credentials-file.yaml": {provider: "awskms", awsCredentialsFile: true, hostNetwork: true, service: true},
+	"tpm-device-plugin.yaml":       {tpm: true, tpmWay: "devicePlugin", tpmNode: "cp-1", hostNetwork: true, service: true},
+	"tpm-cdi.yaml":                 {tpm: true, tpmWay: "cdi", tpmNode: "cp-1", service: true},
+	"metrics-off.yaml":             {},
+	"metrics-servicemonitor.yaml":  {service: true, serviceMonitor: true, prometheusRule: true},
+	"subchart.yaml":                {service: true, digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},
 }
 
 func b2i(b bool) int {

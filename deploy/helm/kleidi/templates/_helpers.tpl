@@ -38,9 +38,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* The image reference: repository:tag, and @digest when image.digest is set. */}}
+{{/*
+The image reference: repository:tag, and @digest when image.digest is set. provider pkcs11 loads its module with
+dlopen, which the static image cannot: its default tag is the cgo image's, the appVersion followed by "-cgo".
+*/}}
 {{- define "kleidi.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $tag := .Chart.AppVersion }}
+{{- if eq .Values.provider "pkcs11" }}{{ $tag = printf "%s-cgo" .Chart.AppVersion }}{{ end }}
+{{- printf "%s:%s" .Values.image.repository (default $tag .Values.image.tag) }}
 {{- with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end }}
 
@@ -80,9 +85,22 @@ Refusals the schema cannot express with a clear message. Rendered by the DaemonS
 {{- fail "provider tpm runs on one control-plane node only: kleidi does not share a TPM root between nodes yet, so each node would encrypt under a key the others cannot unwrap. Set tpm.nodeName to that node, or tpm.acknowledgeSingleControlPlaneNode=true if nodeSelector matches a single node" }}
 {{- end }}
 {{- end }}
+{{- if eq $v.provider "pkcs11" }}
+{{- if not (and $v.pkcs11.module $v.pkcs11.token $v.pkcs11.key $v.pkcs11.pinHostDir $v.pkcs11.pinFile) }}
+{{- fail "provider pkcs11 needs pkcs11.module (the module's path on every control-plane node), pkcs11.token, pkcs11.key, and pkcs11.pinHostDir with pkcs11.pinFile (the PIN file on the host, never a Secret)" }}
+{{- end }}
+{{- end }}
+{{- if eq $v.provider "awskms" }}
+{{- if not (and $v.awskms.key $v.awskms.signingKey $v.awskms.region) }}
+{{- fail "provider awskms needs awskms.key (the symmetric key that wraps KEKs), awskms.signingKey (the ECC key that proves them) and awskms.region" }}
+{{- end }}
+{{- end }}
 {{- range $v.extraEnv }}
 {{- if and .valueFrom (or .valueFrom.secretKeyRef .valueFrom.configMapKeyRef) }}
 {{- fail (printf "extraEnv %s takes its value from a Secret or ConfigMap, which the kubelet reads through the API: the plugin must start while kube-apiserver cannot read any Secret" .name) }}
+{{- end }}
+{{- if has .name (list "AWS_SECRET_ACCESS_KEY" "AWS_SESSION_TOKEN") }}
+{{- fail (printf "extraEnv %s writes an AWS credential into the DaemonSet, where everyone who may read DaemonSets reads it. Let the AWS SDK find credentials itself: IRSA or EKS Pod Identity (serviceAccount.annotations), the node's instance role, or a shared credentials file on the host (awskms.credentialsHostDir)" .name) }}
 {{- end }}
 {{- end }}
 {{- end }}
