@@ -18,6 +18,10 @@ import (
 // localKMSInstall installs local-kms, the AWS-KMS-compatible server the awskms suite runs against.
 const localKMSInstall = "go install github.com/nsmithuk/local-kms@v0.0.0-20260228092603-2a5e92d09ab6"
 
+// localKMSSecretKey is the plugin's AWS secret access key: local-kms accepts any
+// credentials, and the suite checks that the plugin never logs them.
+const localKMSSecretKey = "kleidi-e2e-not-a-secret"
+
 // localKMSRegion is the region local-kms serves and the plugin is configured with.
 const localKMSRegion = "eu-west-2"
 
@@ -140,7 +144,7 @@ func awsKMSPlugin(t testing.TB, s *localKMS) (flags, env []string) {
 	}
 	env = []string{
 		"AWS_ACCESS_KEY_ID=AKIAKLEIDIE2E",
-		"AWS_SECRET_ACCESS_KEY=kleidi-e2e-not-a-secret",
+		"AWS_SECRET_ACCESS_KEY=" + localKMSSecretKey,
 		"AWS_SESSION_TOKEN=",
 		"AWS_PROFILE=",
 		"AWS_REGION=" + localKMSRegion,

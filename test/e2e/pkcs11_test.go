@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 // softHSMModule is the PKCS#11 library of Debian's softhsm2 package.
@@ -43,7 +45,12 @@ func newSoftHSM(t testing.TB, dir, label string, uid int) *softHSM {
 	soPIN, pin := randHex(t, 8), randHex(t, 8)
 	writeFile(t, h.pin, pin+"\n", 0o400)
 	h.chown(t, h.pin)
-	mustRun(t, h.env(), as(uid, "softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", soPIN, "--pin", pin)...)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// Not mustRun: its failure message would show the PINs of the command line.
+	if out, err := run(ctx, h.env(), as(uid, "softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", soPIN, "--pin", pin)...); err != nil {
+		t.Fatalf("softhsm2-util --init-token --label %s: %v\n%s", label, err, out)
+	}
 	return h
 }
 

@@ -42,7 +42,10 @@ type env struct {
 	c        *cluster
 	ns       string
 	want     map[string]map[string]string // Secret name -> data
-	next     int
+	// secrets are what unlocks the root of trust (passphrase, PIN, access key):
+	// no log of the plugin may hold one.
+	secrets [][]byte
+	next    int
 }
 
 func encryptionConfig(sock string) string {
@@ -106,6 +109,39 @@ func runScenarios(t *testing.T, provider string) {
 			t.Fatalf("scenario %s failed; the later ones depend on its state and are not run", s.name)
 		}
 	}
+	e.noSecretInLogs(t)
+}
+
+// noSecretInLogs checks that no log the plugin wrote over every scenario (its
+// output and its audit log, errors and outages included) holds a secret of its
+// root of trust.
+func (e *env) noSecretInLogs(t testing.TB) {
+	t.Helper()
+	logs, err := filepath.Glob(filepath.Join(e.plugin.dir, "*.log"))
+	if err != nil || len(logs) < 2 {
+		t.Fatalf("plugin logs in %s: %v %v, want the output and the audit log", e.plugin.dir, logs, err)
+	}
+	for _, path := range logs {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, secret := range e.secrets {
+			if len(secret) > 0 && bytes.Contains(b, secret) {
+				t.Errorf("%s holds secret %d of the %s root of trust", path, i, e.provider)
+			}
+		}
+	}
+}
+
+// readSecret returns the content of a secret file without its trailing newline.
+func readSecret(t testing.TB, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.TrimRight(b, "\n")
 }
 
 func (e *env) setup(t testing.TB) {
@@ -129,6 +165,7 @@ func (e *env) setup(t testing.TB) {
 		pub, priv, pass := gpgKey(t, keys, uid)
 		t.Logf("OpenPGP key made with gpg in %s", time.Since(start).Round(time.Millisecond))
 		flags = []string{"--gpg-public-key=" + pub, "--gpg-private-key=" + priv, "--gpg-passphrase-file=" + pass}
+		e.secrets = append(e.secrets, readSecret(t, pass))
 	case "tpm":
 		uid := -1
 		if os.Geteuid() == 0 {
@@ -147,9 +184,11 @@ func (e *env) setup(t testing.TB) {
 		e.hsm = newSoftHSM(t, filepath.Join(e.dir, "softhsm"), "kleidi-e2e", uid)
 		t.Logf("SoftHSM token initialised in %s", time.Since(start).Round(time.Millisecond))
 		flags, env = e.hsm.flags("kleidi-e2e", "kleidi"), e.hsm.env()
+		e.secrets = append(e.secrets, readSecret(t, e.hsm.pin))
 	case "awskms":
 		e.kms = startLocalKMS(t, e.procs, filepath.Join(e.dir, "local-kms"))
 		flags, env = awsKMSPlugin(t, e.kms)
+		e.secrets = append(e.secrets, []byte(localKMSSecretKey))
 	default:
 		t.Fatalf("no end-to-end setup for provider %q", e.provider)
 	}
