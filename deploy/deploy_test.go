@@ -402,7 +402,7 @@ func TestContainerfile(t *testing.T) {
 	}
 	// Every base pinned by digest, its tag kept beside it for the reader.
 	for _, f := range froms {
-		if !regexp.MustCompile(`^FROM (?:--platform=\S+ )?\S+:[\w.-]+@sha256:[0-9a-f]{64}(?: AS \w+)?$`).MatchString(f) {
+		if !regexp.MustCompile(`^FROM (?:--platform=\S+ )?\S+:[\w.-]+@sha256:[0-9a-f]{64}(?: AS [\w-]+)?$`).MatchString(f) {
 			t.Errorf("Containerfile: %q is not pinned as name:tag@sha256:digest", f)
 		}
 	}
@@ -420,6 +420,35 @@ func TestContainerfile(t *testing.T) {
 	mustMatch(t, "Containerfile", text, `(?m)^USER 65532:65532$`, 1)
 	mustMatch(t, "Containerfile", text, `(?m)^COPY --from=build /out/kleidi-server /usr/local/bin/kleidi-server$`, 1)
 	mustMatch(t, "Containerfile", text, `(?m)^ENTRYPOINT \["/usr/local/bin/kleidi-server"\]$`, 1)
+
+	// The cgo target: CGO_ENABLED=1 with OpenSSL's headers (the TPM simulator) on a glibc base with libstdc++
+	// (C++ PKCS#11 modules), the same user and entrypoint. The static image stays the default: the last stage.
+	stages := regexp.MustCompile(`(?m)^FROM `).Split(text, -1)[1:]
+	stage := func(name string) string {
+		for _, st := range stages {
+			if strings.HasSuffix(strings.SplitN(st, "\n", 2)[0], " AS "+name) {
+				return st
+			}
+		}
+		t.Fatalf("Containerfile: no stage %s", name)
+		return ""
+	}
+	buildCgo := stage("build-cgo")
+	mustMatch(t, "Containerfile build-cgo", buildCgo, `libssl-dev`, 1)
+	mustMatch(t, "Containerfile build-cgo", buildCgo, `CGO_ENABLED=1 \\\n\s+go -C examples/kleidi-server build -trimpath -ldflags="-s -w" -o /out/kleidi-server \.\n`, 1)
+	mustNotMatch(t, "Containerfile build-cgo", buildCgo, `CGO_ENABLED=0`)
+	cgo := stage("cgo")
+	mustMatch(t, "Containerfile cgo", cgo, `^gcr.io/distroless/cc-debian12:nonroot@sha256:[0-9a-f]{64} AS cgo\n`, 1)
+	mustMatch(t, "Containerfile cgo", cgo, `(?m)^COPY --from=build-cgo /out/kleidi-server /usr/local/bin/kleidi-server$`, 1)
+	mustMatch(t, "Containerfile cgo", cgo, `(?m)^USER 65532:65532$`, 1)
+	mustMatch(t, "Containerfile cgo", cgo, `(?m)^ENTRYPOINT \["/usr/local/bin/kleidi-server"\]$`, 1)
+	for _, label := range []string{"title", "description", "source", "version", "revision", "documentation"} {
+		mustMatch(t, "Containerfile cgo", cgo, `org\.opencontainers\.image\.`+label+`="[^"]+"`, 1)
+	}
+	last := stages[len(stages)-1]
+	mustMatch(t, "Containerfile last stage", last, `^gcr.io/distroless/static\S*:nonroot@sha256:[0-9a-f]{64}\n`, 1)
+	mustMatch(t, "Containerfile last stage", last, `(?m)^COPY --from=build /out/kleidi-server `, 1)
+	mustMatch(t, "Containerfile", text, `--target cgo -t ghcr\.io/kleidi-kms/kleidi:0\.1\.0-cgo`, 1)
 
 	// .containerignore keeps the context to the root module's Go sources, and keeps every package the build reads.
 	ig, err := os.ReadFile(filepath.Join(repoRoot, ".containerignore"))
@@ -442,6 +471,92 @@ func TestContainerfile(t *testing.T) {
 			}
 		}
 	}
+}
+
+// distrolessCCLibs are the shared libraries gcr.io/distroless/cc-debian12 ships (glibc, libgcc, libstdc++, OpenSSL),
+// the base of the Containerfile's cgo target.
+var distrolessCCLibs = []string{"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "libresolv.so.2",
+	"ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1", "libgcc_s.so.1", "libstdc++.so.6", "libssl.so.3", "libcrypto.so.3"}
+
+// TestContainerfileCgoBuild builds kleidi-server as the Containerfile's cgo target does (no registry is reachable
+// here, so not the image itself), checks that it needs no shared library its distroless/cc base lacks, nor does
+// SoftHSM's PKCS#11 module, and that it runs what the static image cannot: the in-process TPM simulator, served as
+// the image's non-root uid, and the pkcs11 provider.
+func TestContainerfileCgoBuild(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kleidi-deploy-cgo-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "kleidi-server")
+	out, err := run(t, 10*time.Minute, filepath.Join(repoRoot, "examples", "kleidi-server"), []string{"CGO_ENABLED=1"}, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, ".")
+	if err != nil {
+		t.Fatalf("CGO_ENABLED=1 go build (examples/kleidi-server): %v\n%s", err, out)
+	}
+	const softhsm = "/usr/lib/softhsm/libsofthsm2.so"
+	for _, f := range []string{bin, softhsm} {
+		libs := neededLibs(t, f)
+		t.Logf("%s needs %v", filepath.Base(f), libs)
+		for _, l := range libs {
+			if !slices.Contains(distrolessCCLibs, l) {
+				t.Errorf("%s needs %s, which distroless/cc-debian12 does not ship", f, l)
+			}
+		}
+	}
+
+	t.Run("tpm-simulator", func(t *testing.T) {
+		n := newNode(t, bin)
+		n.serve(t, nil, append(n.serveFlags(), "--provider=tpm", "--tpm=simulator"), nil)
+	})
+
+	// The cgo build gets as far as loading the module; the static one refuses before.
+	t.Run("pkcs11", func(t *testing.T) {
+		n := newNode(t, bin)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		missing := filepath.Join(n.dir, "missing-module.so")
+		pin := filepath.Join(n.stateDir, "pin")
+		if err := os.WriteFile(pin, []byte("5678\n"), 0o400); err != nil {
+			t.Fatal(err)
+		}
+		n.chown(t, pin)
+		out, err := n.command(ctx, "init", "--state-dir="+n.stateDir, "--provider=pkcs11", "--pkcs11-module="+missing,
+			"--pkcs11-token=kleidi", "--pkcs11-key=kleidi", "--pkcs11-pin-file="+pin).CombinedOutput()
+		if err == nil {
+			t.Fatalf("init with a missing PKCS#11 module succeeded:\n%s", out)
+		}
+		if strings.Contains(string(out), "cgo") || !strings.Contains(string(out), "missing-module.so") {
+			t.Errorf("init --provider pkcs11 in the cgo build: want an error naming the missing module, not cgo:\n%s", out)
+		}
+		t.Logf("init --provider pkcs11 (module missing): %s", lastLine(string(out)))
+	})
+}
+
+// neededLibs returns the DT_NEEDED shared libraries of an ELF file and its program interpreter.
+func neededLibs(t *testing.T, path string) []string {
+	t.Helper()
+	f, err := elf.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	libs, err := f.ImportedLibraries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			b, err := io.ReadAll(p.Open())
+			if err != nil {
+				t.Fatal(err)
+			}
+			libs = append(libs, filepath.Base(strings.TrimRight(string(b), "\x00")))
+		}
+	}
+	return libs
 }
 
 // buildStatic builds examples/kleidi-server as the Containerfile does, into a directory every uid can read.
