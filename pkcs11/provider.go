@@ -3,14 +3,10 @@ package pkcs11
 import (
 	"bytes"
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
-	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/kleidi-kms/kleidi"
 )
@@ -19,7 +15,7 @@ import (
 const Name = "pkcs11"
 
 // ProofSize is the size of a proof made by [Provider.Prove]: an HMAC-SHA256.
-const ProofSize = sha256.Size
+const ProofSize = kleidi.ProofKeySize
 
 // Errors of this package, beside the kleidi sentinels they are wrapped with.
 var (
@@ -68,7 +64,7 @@ type Provider struct {
 	cfg    Config
 	tok    *token
 	closed atomic.Bool
-	proof  proofState
+	proof  *kleidi.ProofKey
 }
 
 var (
@@ -93,7 +89,9 @@ func New(ctx context.Context, cfg Config) (*Provider, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Provider{cfg: cfg, tok: tok}, nil
+	p := &Provider{cfg: cfg, tok: tok}
+	p.proof = kleidi.NewProofKey(p.deriveProofKey)
+	return p, nil
 }
 
 // readPIN reads a PIN file: 1 to 256 bytes after one trailing newline (or CRLF) is removed.
@@ -178,7 +176,7 @@ func (p *Provider) Close() error {
 	if p.closed.Swap(true) {
 		return nil
 	}
-	p.proof.close()
+	p.proof.Close()
 	p.tok.close()
 	return nil
 }
@@ -186,31 +184,11 @@ func (p *Provider) Close() error {
 // proofLabel is the message the token's proof key signs (CKM_SHA256_HMAC) to give the proof key.
 const proofLabel = "kleidi pkcs11 proof key v1"
 
-// proofRetryInterval is how long a failure to derive the proof key is returned again without a token call, so a
-// flood of Verify calls while the token is away costs at most one token call per interval.
-const proofRetryInterval = time.Second
-
-// proofState is the proof key, derived from the token once and kept in memory until Close.
-type proofState struct {
-	mu     sync.Mutex
-	key    []byte
-	err    error
-	retry  time.Time
-	closed bool
-}
-
-func (s *proofState) close() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	clear(s.key)
-	s.key, s.closed = nil, true
-}
-
 // Prove implements [kleidi.Authenticator]: it returns HMAC-SHA256(proof key, message), [ProofSize] bytes. The
 // proof key is the token's HMAC-SHA256, with its non-extractable generic secret key, of a fixed label: derived at
 // the first Prove or Verify, then kept in memory.
 func (p *Provider) Prove(ctx context.Context, message []byte) ([]byte, error) {
-	mac, err := p.proofOf(ctx, message)
+	mac, err := p.proof.Prove(ctx, message)
 	if err != nil {
 		return nil, fmt.Errorf("pkcs11: prove with %s: %w", p.cfg, err)
 	}
@@ -222,51 +200,13 @@ func (p *Provider) Prove(ctx context.Context, message []byte) ([]byte, error) {
 // once; after the proof key is derived Verify never calls the token. When the proof key cannot be derived, errors
 // wrap [kleidi.ErrUnavailable] (returned again for a second before the token is asked again).
 func (p *Provider) Verify(ctx context.Context, message, proof []byte) error {
-	if len(proof) != ProofSize {
-		return fmt.Errorf("pkcs11: verify: %w: a proof of %d bytes, want %d", kleidi.ErrUnauthenticated, len(proof), ProofSize)
-	}
-	mac, err := p.proofOf(ctx, message)
-	if err != nil {
+	if err := p.proof.Verify(ctx, message, proof); err != nil {
 		return fmt.Errorf("pkcs11: verify with %s: %w", p.cfg, err)
-	}
-	if !hmac.Equal(mac, proof) {
-		return fmt.Errorf("pkcs11: verify with %s: %w: the proof was not made with this token's proof key", p.cfg, kleidi.ErrUnauthenticated)
 	}
 	return nil
 }
 
-// proofOf returns HMAC-SHA256(proof key, message), deriving the proof key on the first call. Concurrent first
-// calls share one derivation; a failure other than a cancelled context is returned again until
-// proofRetryInterval has passed.
-func (p *Provider) proofOf(ctx context.Context, message []byte) ([]byte, error) {
-	s := &p.proof
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	switch {
-	case s.closed:
-		return nil, kleidi.ErrClosed
-	case s.key != nil:
-		return hmacSHA256(s.key, message), nil
-	case s.err != nil && time.Now().Before(s.retry):
-		return nil, s.err
-	}
-	key, err := p.tok.sign(ctx, []byte(proofLabel))
-	if err == nil && len(key) != sha256.Size {
-		clear(key)
-		err = fmt.Errorf("%w: the token's HMAC-SHA256 has %d bytes", kleidi.ErrUnavailable, len(key))
-	}
-	if err != nil {
-		if !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
-			s.err, s.retry = err, time.Now().Add(proofRetryInterval)
-		}
-		return nil, err
-	}
-	s.key, s.err = key, nil
-	return hmacSHA256(key, message), nil
-}
-
-func hmacSHA256(key, message []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write(message)
-	return m.Sum(nil)
+// deriveProofKey has the token compute the proof key: its HMAC-SHA256, with the generic secret key, of proofLabel.
+func (p *Provider) deriveProofKey(ctx context.Context) ([]byte, error) {
+	return p.tok.sign(ctx, []byte(proofLabel))
 }

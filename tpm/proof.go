@@ -6,8 +6,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"sync"
-	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -15,34 +13,11 @@ import (
 )
 
 // ProofSize is the size of a proof made by [Provider.Prove]: an HMAC-SHA256.
-const ProofSize = sha256.Size
+const ProofSize = kleidi.ProofKeySize
 
-const (
-	// proofLabel names the proof key: it is the public seed of the proof key's template (keyed with the auth
-	// value) and the data the TPM's HMAC turns into the proof key.
-	proofLabel = "kleidi proof key v1"
-	// proofRetryInterval is how long a failure to derive the proof key is returned again without asking the TPM,
-	// so that a flood of Verify calls while the TPM is down costs at most one TPM call per interval.
-	proofRetryInterval = time.Second
-)
-
-// proofState is the proof key, derived from the TPM once and then kept in memory until Close.
-type proofState struct {
-	mu     sync.Mutex
-	key    []byte // nil until derived
-	err    error  // the last derivation failure, returned again until retryAt
-	retry  time.Time
-	closed bool
-}
-
-// close zeroes the proof key and makes later calls fail.
-func (s *proofState) close() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	clear(s.key)
-	s.key = nil
-	s.closed = true
-}
+// proofLabel names the proof key: it is the public seed of the proof key's template (keyed with the auth value)
+// and the data the TPM's HMAC turns into the proof key.
+const proofLabel = "kleidi proof key v1"
 
 // Prove implements [kleidi.Authenticator]: it returns HMAC-SHA256(proof key, message), [ProofSize] bytes.
 //
@@ -61,7 +36,7 @@ func (s *proofState) close() {
 // [ErrStorageKeyChanged] when the TPM presents another SRK, [kleidi.ErrUnavailable] when the TPM cannot be
 // reached.
 func (p *Provider) Prove(ctx context.Context, message []byte) ([]byte, error) {
-	mac, err := p.proofOf(ctx, message)
+	mac, err := p.proof.Prove(ctx, message)
 	if err != nil {
 		return nil, fmt.Errorf("tpm: prove: %w", err)
 	}
@@ -74,22 +49,17 @@ func (p *Provider) Prove(ctx context.Context, message []byte) ([]byte, error) {
 // TPM. When the proof key cannot be derived, errors wrap [kleidi.ErrUnavailable] (the TPM cannot be reached; the
 // failure is returned again for a second before the TPM is asked again) or [kleidi.ErrUnauthenticated].
 func (p *Provider) Verify(ctx context.Context, message, proof []byte) error {
-	if len(proof) != ProofSize {
-		return fmt.Errorf("tpm: verify: %w: a proof of %d bytes, want %d", kleidi.ErrUnauthenticated, len(proof), ProofSize)
+	err := p.proof.Verify(ctx, message, proof)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, kleidi.ErrUnauthenticated):
+		return fmt.Errorf("tpm: verify: %w (forged, made by another TPM or configuration, or the bound PCRs changed since)", err)
+	case errors.Is(err, kleidi.ErrUnavailable), errors.Is(err, kleidi.ErrClosed),
+		errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return fmt.Errorf("tpm: verify: %w", err)
 	}
-	mac, err := p.proofOf(ctx, message)
-	if err != nil {
-		if errors.Is(err, kleidi.ErrUnavailable) || errors.Is(err, kleidi.ErrClosed) ||
-			errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-			return fmt.Errorf("tpm: verify: %w", err)
-		}
-		return fmt.Errorf("tpm: verify: %w: cannot derive the proof key: %w", kleidi.ErrUnauthenticated, err)
-	}
-	if !hmac.Equal(mac, proof) {
-		return fmt.Errorf("tpm: verify: %w: the proof was not made by this TPM under this provider's PCR policy and auth value (forged, made by another TPM or configuration, or the bound PCRs changed since)",
-			kleidi.ErrUnauthenticated)
-	}
-	return nil
+	return fmt.Errorf("tpm: verify: %w: cannot derive the proof key: %w", kleidi.ErrUnauthenticated, err)
 }
 
 // hmacSHA256 returns HMAC-SHA256(key, message).
@@ -97,33 +67,6 @@ func hmacSHA256(key, message []byte) []byte {
 	m := hmac.New(sha256.New, key)
 	m.Write(message)
 	return m.Sum(nil)
-}
-
-// proofOf returns HMAC-SHA256(proof key, message), deriving the proof key from the TPM on the first call.
-// Concurrent first calls share one derivation. A failure the TPM answered, or a TPM that cannot be reached, is
-// returned again without a TPM call until proofRetryInterval has passed; a cancelled context is not remembered.
-// The HMAC is computed under the lock, so Close never zeroes the key while it is in use.
-func (p *Provider) proofOf(ctx context.Context, message []byte) ([]byte, error) {
-	s := &p.proof
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	switch {
-	case s.closed:
-		return nil, kleidi.ErrClosed
-	case s.key != nil:
-		return hmacSHA256(s.key, message), nil
-	case s.err != nil && time.Now().Before(s.retry):
-		return nil, s.err
-	}
-	key, err := p.deriveProofKey(ctx)
-	if err != nil {
-		if !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
-			s.err, s.retry = err, time.Now().Add(proofRetryInterval)
-		}
-		return nil, err
-	}
-	s.key, s.err = key, nil
-	return hmacSHA256(key, message), nil
 }
 
 // deriveProofKey creates the proof primary key (see [Provider.Prove]), has the TPM compute its HMAC of

@@ -86,7 +86,7 @@ type Provider struct {
 	srk    *storageKey         // nil when not set up on this connection
 	pin    []byte              // the SRK name every operation must find; nil until the first SRK is set up
 
-	proof proofState // the proof key of [Provider.Prove] and [Provider.Verify]
+	proof *kleidi.ProofKey // the proof key of [Provider.Prove] and [Provider.Verify], derived by deriveProofKey
 }
 
 var (
@@ -120,6 +120,7 @@ func New(ctx context.Context, cfg Config) (*Provider, error) {
 // newProvider returns a provider on the TPM that open reaches. With perOp it connects for each operation.
 func newProvider(ctx context.Context, cfg Config, open opener, perOp bool) (*Provider, error) {
 	p := &Provider{open: open, perOp: perOp, sem: make(chan struct{}, 1)}
+	p.proof = kleidi.NewProofKey(p.deriveProofKey)
 	if cfg.SRKName != "" {
 		pin, err := parseSRKName(cfg.SRKName)
 		if err != nil {
@@ -488,7 +489,7 @@ func (p *Provider) Close() error {
 	p.auth = nil
 	err := p.disconnect()
 	<-p.sem
-	p.proof.close()
+	p.proof.Close()
 	return err
 }
 
