@@ -456,7 +456,7 @@ func TestContainerfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	rules := string(ig)
-	for _, re := range []string{`(?m)^\*$`, `(?m)^!go\.mod$`, `(?m)^!go\.sum$`, `(?m)^!\*\*/\*\.go$`, `(?m)^\*\*/\*_test\.go$`} {
+	for _, re := range []string{`(?m)^\*$`, `(?m)^!\*\*/go\.mod$`, `(?m)^!\*\*/go\.sum$`, `(?m)^!\*\*/\*\.go$`, `(?m)^\*\*/\*_test\.go$`} {
 		mustMatch(t, ".containerignore", rules, re, 1)
 	}
 	out := mustRun(t, filepath.Join(repoRoot, "examples", "kleidi-server"), "go", "list", "-deps", "-f", "{{if not .Standard}}{{.Dir}}{{end}}", ".")
