@@ -96,6 +96,8 @@ func TestChartRefusesIncompleteProviders(t *testing.T) {
 			"extraEnv[0].valueFrom.secretKeyRef.key=secret"), "from a Secret"},
 		{with(aws, "extraEnv[0].name=AWS_SECRET_ACCESS_KEY", "extraEnv[0].value=example"), "extraEnv AWS_SECRET_ACCESS_KEY writes an AWS credential"},
 		{with(aws, "extraEnv[0].name=AWS_SESSION_TOKEN", "extraEnv[0].value=example"), "awskms.credentialsHostDir"},
+		{with(aws, "extraEnv[0].name=AWS_SECRET_KEY", "extraEnv[0].value=example"), "awskms.credentialsHostDir"},
+		{with(aws, "extraEnv[0].name=AWS_ACCESS_KEY_ID", "extraEnv[0].value=AKIAEXAMPLE"), "awskms.credentialsHostDir"},
 	})
 
 	// pkcs11 runs the cgo image unless the tag is given; every other provider the static one.

@@ -99,8 +99,8 @@ Refusals the schema cannot express with a clear message. Rendered by the DaemonS
 {{- if and .valueFrom (or .valueFrom.secretKeyRef .valueFrom.configMapKeyRef) }}
 {{- fail (printf "extraEnv %s takes its value from a Secret or ConfigMap, which the kubelet reads through the API: the plugin must start while kube-apiserver cannot read any Secret" .name) }}
 {{- end }}
-{{- if has .name (list "AWS_SECRET_ACCESS_KEY" "AWS_SESSION_TOKEN") }}
-{{- fail (printf "extraEnv %s writes an AWS credential into the DaemonSet, where everyone who may read DaemonSets reads it. Let the AWS SDK find credentials itself: IRSA or EKS Pod Identity (serviceAccount.annotations), the node's instance role, or a shared credentials file on the host (awskms.credentialsHostDir)" .name) }}
+{{- if has .name (list "AWS_SECRET_ACCESS_KEY" "AWS_SECRET_KEY" "AWS_SESSION_TOKEN" "AWS_ACCESS_KEY_ID" "AWS_ACCESS_KEY") }}
+{{- fail (printf "extraEnv %s writes an AWS credential into the DaemonSet, where everyone who may read DaemonSets reads it. Let the AWS SDK find credentials itself: the node's instance role, a shared credentials file on the host (awskms.credentialsHostDir), or IRSA / EKS Pod Identity (serviceAccount.annotations; they need the API at start)" .name) }}
 {{- end }}
 {{- end }}
 {{- end }}
