@@ -25,6 +25,7 @@ import (
 	"github.com/kleidi-kms/kleidi/gpg"
 	"github.com/kleidi-kms/kleidi/internal/socket"
 	"github.com/kleidi-kms/kleidi/metrics"
+	"github.com/kleidi-kms/kleidi/pkcs11"
 	"github.com/kleidi-kms/kleidi/server"
 )
 
@@ -64,6 +65,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		defer stopReopen()
 	}
 	p, env, created, err := o.open(ctx)
+	if errors.Is(err, pkcs11.ErrPIN) {
+		return holdRefusedPIN(ctx, *httpAddr, o.log, err)
+	}
 	if err != nil {
 		return err
 	}
@@ -98,6 +102,32 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	lifecycle(o.audit, audit.EventStart, env.KeyID(), p.Name())
 	defer func() { lifecycle(o.audit, audit.EventStop, env.KeyID(), p.Name()) }()
 	return srv.ListenAndServe(ctx, *listen)
+}
+
+// holdRefusedPIN keeps serve running, unhealthy, after the token refused its PIN, until SIGTERM: exiting would have
+// systemd or the kubelet start it again, and each start would try the PIN once more, until an HSM that counts
+// failed logins locks the token. /livez answers ok, so the kubelet does not restart it either; /readyz and
+// /healthz answer 503 with the reason.
+func holdRefusedPIN(ctx context.Context, httpAddr string, log *slog.Logger, err error) error {
+	log.Error("the PKCS#11 token refused the PIN: serving nothing and not trying again, so that the token does not "+
+		"lock; correct the PIN file, then restart the plugin", "error", err)
+	if httpAddr != "off" && httpAddr != "" {
+		mux := http.NewServeMux()
+		mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+		unhealthy := func(w http.ResponseWriter, _ *http.Request) {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, "root of trust refused the PIN\n")
+		}
+		mux.HandleFunc("GET /readyz", unhealthy)
+		mux.HandleFunc("GET /healthz", unhealthy)
+		stop, herr := serveHTTP(httpAddr, mux, log)
+		if herr != nil {
+			return herr
+		}
+		defer stop()
+	}
+	<-ctx.Done()
+	return nil // stopped on request: the refusal was logged
 }
 
 // serveHTTP serves h on addr until the returned function is called.

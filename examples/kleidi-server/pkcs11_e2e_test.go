@@ -2,10 +2,12 @@ package main_test
 
 import (
 	"context"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -129,4 +131,43 @@ func waitHealthz(t *testing.T, s *sandbox, ok func(string) bool, what string) {
 		}
 	}
 	t.Fatalf("waited 30 s for %s; last healthz %q", what, last)
+}
+
+// TestPKCS11WrongPINIsNotRetried: serve with a PIN the token refuses stays up, unhealthy, instead of exiting, so
+// that neither systemd nor the kubelet starts it again and again until an HSM that counts failed logins locks the
+// token; SIGTERM stops it.
+func TestPKCS11WrongPINIsNotRetried(t *testing.T) {
+	s := newSandbox(t)
+	h := newSoftHSM(t, s, "pin")
+	if code, out, errOut := s.run(t, append(append([]string{"init"}, h.args...), s.flags()[:2]...)...); code != 0 {
+		t.Fatalf("kleidi-server init = %d, %q, %q", code, out, errOut)
+	}
+	wrong := filepath.Join(s.dir, "wrong-pin")
+	if err := os.WriteFile(wrong, []byte("0000\n"), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	args := append([]string(nil), h.args...)
+	args[9] = wrong
+	srv := s.serve(t, s.command(false, append(append([]string{"serve"}, args...), s.flags()...)...))
+	addr := srv.httpAddr(t)
+	select {
+	case <-srv.done:
+		t.Fatalf("serve with a refused PIN exited (code %d): a supervisor would start it again and retry the PIN", srv.cmd.ProcessState.ExitCode())
+	case <-time.After(2 * time.Second):
+	}
+	for path, want := range map[string]int{"/livez": http.StatusOK, "/readyz": http.StatusServiceUnavailable} {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("GET %s = %d, want %d", path, resp.StatusCode, want)
+		}
+	}
+	if !strings.Contains(srv.stderr.String(), "refused the PIN") || strings.Contains(srv.stderr.String(), "0000") {
+		t.Errorf("serve's log should say the PIN was refused, without the PIN:\n%s", srv.stderr.String())
+	}
+	srv.cmd.Process.Signal(syscall.SIGTERM)
+	srv.wait(t)
 }
