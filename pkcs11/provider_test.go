@@ -138,6 +138,18 @@ func TestExistingKeys(t *testing.T) {
 	if !strings.Contains(err.Error(), `"existing"`) || !strings.Contains(err.Error(), `"kek"`) {
 		t.Errorf("pkcs11.New(extractable key) err = %q, want the token and key labels in it", err)
 	}
+	// The same keys, locked down afterwards (CKA_EXTRACTABLE set to false): they were readable once, and may have
+	// been copied out then.
+	withSession(t, cfg, func(c *p11.Ctx, s p11.SessionHandle) {
+		for _, h := range findKeys(t, c, s, "kek") {
+			if err := c.SetAttributeValue(s, h, []*p11.Attribute{p11.NewAttribute(p11.CKA_EXTRACTABLE, false)}); err != nil {
+				t.Fatalf("C_SetAttributeValue(CKA_EXTRACTABLE false) err = %v", err)
+			}
+		}
+	})
+	if _, err := pkcs11.New(context.Background(), cfg); !errors.Is(err, pkcs11.ErrKey) || !strings.Contains(err.Error(), "CKA_NEVER_EXTRACTABLE") {
+		t.Fatalf("pkcs11.New(key once extractable) err = %v, want an error wrapping ErrKey that names CKA_NEVER_EXTRACTABLE", err)
+	}
 	// Keys made beforehand by an administrator, fit: used as they are.
 	cfg.KeyLabel = "admin"
 	withSession(t, cfg, func(c *p11.Ctx, s p11.SessionHandle) {

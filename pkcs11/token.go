@@ -3,6 +3,7 @@
 package pkcs11
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -250,6 +251,8 @@ func (t *token) openSession(slot uint) (p11.SessionHandle, error) {
 	if err != nil {
 		return 0, fmt.Errorf("%w: C_OpenSession: %w", kleidi.ErrUnavailable, err)
 	}
+	// miekg/pkcs11 takes the PIN as a string: a copy that cannot be zeroed, the one exception to keeping secrets in
+	// byte slices that Close zeroes.
 	if err := c.Login(s, p11.CKU_USER, string(t.pin)); err != nil && !hasCode(err, p11.CKR_USER_ALREADY_LOGGED_IN) {
 		c.CloseSession(s)
 		if hasCode(err, p11.CKR_PIN_INCORRECT, p11.CKR_PIN_INVALID, p11.CKR_PIN_LEN_RANGE, p11.CKR_PIN_LOCKED, p11.CKR_PIN_EXPIRED) {
@@ -409,6 +412,7 @@ func (t *token) createKey(slot uint, keyType uint, id []byte) (p11.ObjectHandle,
 // checkKey refuses a key that could leave the token or is not of the expected type, size and usage.
 func (t *token) checkKey(s p11.SessionHandle, h p11.ObjectHandle, name string, keyType uint, usage []uint) error {
 	attrs := []*p11.Attribute{p11.NewAttribute(p11.CKA_SENSITIVE, nil), p11.NewAttribute(p11.CKA_EXTRACTABLE, nil),
+		p11.NewAttribute(p11.CKA_ALWAYS_SENSITIVE, nil), p11.NewAttribute(p11.CKA_NEVER_EXTRACTABLE, nil),
 		p11.NewAttribute(p11.CKA_VALUE_LEN, nil)}
 	for _, u := range usage {
 		attrs = append(attrs, p11.NewAttribute(u, nil))
@@ -428,6 +432,9 @@ func (t *token) checkKey(s p11.SessionHandle, h p11.ObjectHandle, name string, k
 		problem = "it is not sensitive (CKA_SENSITIVE false)"
 	case isTrue(p11.CKA_EXTRACTABLE) || len(value[p11.CKA_EXTRACTABLE]) != 1:
 		problem = "it is extractable (CKA_EXTRACTABLE true)"
+	case !isTrue(p11.CKA_ALWAYS_SENSITIVE) || !isTrue(p11.CKA_NEVER_EXTRACTABLE):
+		// A key that was once readable may have been copied out before it was locked down.
+		problem = "it was sensitive or non-extractable not from its creation (CKA_ALWAYS_SENSITIVE or CKA_NEVER_EXTRACTABLE false)"
 	case keyType == p11.CKK_AES && size != 32:
 		problem = fmt.Sprintf("it has %d bytes, want 32 (AES-256)", size)
 	case keyType == p11.CKK_GENERIC_SECRET && size < 32:
@@ -572,16 +579,46 @@ func (t *token) health(ctx context.Context) error {
 	return t.do(ctx, "health", probe)
 }
 
-// probe asks the token for its information and both keys for their class: cheap calls that fail when the token
-// or its keys are gone.
+// probe checks that the token answers and that its keys work: the token's information, the proof key's class,
+// and an AES-GCM round trip with the wrapping key. It is the health probe, and it tells a refused ciphertext from
+// a token that failed.
 func probe(c *p11.Ctx, s p11.SessionHandle, k *conn) error {
 	if _, err := c.GetTokenInfo(k.slot); err != nil {
 		return err
 	}
-	for _, h := range []p11.ObjectHandle{k.aes, k.mac} {
-		if _, err := c.GetAttributeValue(s, h, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, nil)}); err != nil {
-			return err
-		}
+	if _, err := c.GetAttributeValue(s, k.mac, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, nil)}); err != nil {
+		return err
+	}
+	// A round trip with the wrapping key itself: the client of a network HSM may answer token and attribute
+	// queries from a cache while its cryptographic back end is down, and that must not pass for a refusal.
+	iv := make([]byte, ivSize)
+	if _, err := rand.Read(iv); err != nil {
+		return err
+	}
+	aad, text := []byte("kleidi pkcs11 probe"), []byte("kleidi pkcs11 probe text")
+	params := p11.NewGCMParams(iv, aad, tagSize*8)
+	defer params.Free()
+	if err := c.EncryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, params)}, k.aes); err != nil {
+		return err
+	}
+	ct, err := c.Encrypt(s, text)
+	if err != nil {
+		return err
+	}
+	if used := params.IV(); len(used) > 0 {
+		iv = used
+	}
+	dparams := p11.NewGCMParams(iv, aad, tagSize*8)
+	defer dparams.Free()
+	if err := c.DecryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, dparams)}, k.aes); err != nil {
+		return err
+	}
+	got, err := c.Decrypt(s, ct)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(got, text) {
+		return fmt.Errorf("%w: the token's AES-GCM round trip changed the data", kleidi.ErrUnavailable)
 	}
 	return nil
 }
