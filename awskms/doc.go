@@ -66,13 +66,14 @@
 // Decrypt that names the key learns whether it is disabled or pending deletion. Health decrypts a probe made at
 // the first call: one kms:Decrypt per call.
 //
+// Never re-point the key's alias to another key: the KEKs wrapped under the old key would no longer unwrap (the
+// provider accepts only what the key it resolved at start decrypts). Use AWS KMS's automatic key rotation, which
+// keeps the key, or rewrap every KEK to the new key first (kleidi.Rewrap).
+//
 // # Tests
 //
 // The tests run against local-kms, an AWS-KMS-compatible server (go install
 // github.com/nsmithuk/local-kms@v0.0.0-20260228092603-2a5e92d09ab6), which they start on loopback; without it
 // they fail.
-//
-// Never re-point the key's alias to another key: the KEKs wrapped under the old key would no longer unwrap (the
-// provider accepts only what the key it resolved at start decrypts). Use AWS KMS's automatic key rotation, which
-// keeps the key, or rewrap every KEK to the new key first (kleidi.Rewrap).
+
 package awskms
