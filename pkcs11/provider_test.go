@@ -9,6 +9,7 @@ import (
 	"errors"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -323,7 +324,8 @@ func TestForgedKEKCarriesNoValidProof(t *testing.T) {
 	}
 
 	// Through an Envelope, as the plugin decrypts: refused before any unwrap.
-	env, err := kleidi.NewEnvelope(ctx, victim, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
+	counted := &countingUnwraps{Provider: victim}
+	env, err := kleidi.NewEnvelope(ctx, counted, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -333,11 +335,26 @@ func TestForgedKEKCarriesNoValidProof(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.WrappedKey = kleiditest.ForgeAttachedKey(blob, forgedProof)
+	before := counted.unwraps.Load()
 	if pt, err := env.Decrypt(ctx, c, nil); err == nil || pt != nil {
 		t.Errorf("env.Decrypt(forged ciphertext and attached key) = %q, %v; want an error", pt, err)
 	} else if !errors.Is(err, kleidi.ErrUnauthenticated) {
 		t.Errorf("env.Decrypt(forged ciphertext and attached key) err = %v, want an error wrapping ErrUnauthenticated", err)
 	}
+	if n := counted.unwraps.Load() - before; n != 0 {
+		t.Errorf("the forged attached key made %d token unwraps, want 0", n)
+	}
+}
+
+// countingUnwraps counts the Unwrap calls of a provider that stays an Authenticator.
+type countingUnwraps struct {
+	*pkcs11.Provider
+	unwraps atomic.Int64
+}
+
+func (c *countingUnwraps) Unwrap(ctx context.Context, blob []byte) ([]byte, error) {
+	c.unwraps.Add(1)
+	return c.Provider.Unwrap(ctx, blob)
 }
 
 func TestCancelledBeforeTheTokenIsAsked(t *testing.T) {
