@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# compare.sh measures kleidi-server (gpg, and tpm on a swtpm process) beside the baseline plugin of
-# kleidi-bench, end to end: it builds both binaries, starts swtpm, the baseline and the two plugins, measures
+# compare.sh measures kleidi-server as operators run it (audit log to a file, metrics served, JSON logs; gpg, and
+# tpm on a swtpm process), and bare gpg kleidi-server (no audit log, no HTTP), beside the baseline plugin of
+# kleidi-bench, end to end: it builds both binaries, starts swtpm, the baseline and the three plugins, measures
 # the time from start to healthy, the resident set idle and under load, and Encrypt/Decrypt throughput and
 # latency at each concurrency in alternating runs (medians), then stops everything.
 #
@@ -115,18 +116,25 @@ wait_healthy "$work/baseline.sock"
 start_kleidi() { # start_kleidi NAME PROVIDER-FLAGS...: start a plugin; took = ms from start to healthy
 	local name=$1
 	shift
-	local t0
+	local t0 ops=()
 	t0=$(now_ms)
-	"$bin/kleidi-server" serve --listen "unix://$work/$name.sock" --state-dir "$work/state-$name" \
-		--http-addr "127.0.0.1:${http_port[$name]}" --log-level warn "$@" >>"$OUT/$name.log" 2>&1 &
+	# As operators run it: an audit log to a file, metrics served, JSON logs; a "-bare" name runs without audit log
+	# and HTTP, to tell what they cost. --init makes the first start's keyring (a real root needs it).
+	if [[ $name == *-bare ]]; then
+		ops=(--http-addr off)
+	else
+		ops=(--http-addr "127.0.0.1:${http_port[$name]}" --audit-log "$work/$name-audit.log")
+	fi
+	"$bin/kleidi-server" serve --init --listen "unix://$work/$name.sock" --state-dir "$work/state-$name" \
+		--log-format json --log-level warn "${ops[@]}" "$@" >>"$OUT/$name.log" 2>&1 &
 	pid[$name]=$!
 	wait_healthy "$work/$name.sock"
 	took=$(($(now_ms) - t0))
 }
 
 declare -A http_port=([kleidi-gpg]=$(free_port) [kleidi-tpm]=$(free_port))
-declare -A flags=([kleidi-gpg]="--provider gpg" [kleidi-tpm]="--provider tpm --tpm tcp://127.0.0.1:$tpm_port")
-for name in kleidi-gpg kleidi-tpm; do
+declare -A flags=([kleidi-gpg]="--provider gpg" [kleidi-gpg-bare]="--provider gpg" [kleidi-tpm]="--provider tpm --tpm tcp://127.0.0.1:$tpm_port")
+for name in kleidi-gpg kleidi-gpg-bare kleidi-tpm; do
 	# shellcheck disable=SC2086 # flags are words
 	start_kleidi "$name" ${flags[$name]}
 	first=$took
@@ -144,7 +152,7 @@ for name in kleidi-gpg kleidi-tpm; do
 done
 
 sleep "$IDLE"
-for name in baseline kleidi-gpg kleidi-tpm; do
+for name in baseline kleidi-gpg kleidi-gpg-bare kleidi-tpm; do
 	echo "$name: idle VmRSS $(vm "${pid[$name]}" VmRSS) KiB after ${IDLE}s idle" | tee -a "$summary" >&2
 done
 
@@ -162,13 +170,15 @@ log "comparing: $METHODS at concurrency $CONCURRENCY, $REPEAT x $DURATION per en
 "$bin/kleidi-bench" compare \
 	--endpoint "baseline=unix://$work/baseline.sock" \
 	--endpoint "kleidi-gpg=unix://$work/kleidi-gpg.sock" \
+	--endpoint "kleidi-gpg-bare=unix://$work/kleidi-gpg-bare.sock" \
 	--endpoint "kleidi-tpm=unix://$work/kleidi-tpm.sock" \
-	--pid "baseline=${pid[baseline]}" --pid "kleidi-gpg=${pid[kleidi-gpg]}" --pid "kleidi-tpm=${pid[kleidi-tpm]}" \
+	--pid "baseline=${pid[baseline]}" --pid "kleidi-gpg=${pid[kleidi-gpg]}" --pid "kleidi-gpg-bare=${pid[kleidi-gpg-bare]}" \
+	--pid "kleidi-tpm=${pid[kleidi-tpm]}" \
 	"${metrics[@]}" \
 	--method "$METHODS" --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" --repeat "$REPEAT" \
 	--json-out "$OUT/compare.json" | tee "$OUT/compare.txt"
 
-for name in baseline kleidi-gpg kleidi-tpm; do
+for name in baseline kleidi-gpg kleidi-gpg-bare kleidi-tpm; do
 	echo "$name: after the load VmRSS $(vm "${pid[$name]}" VmRSS) KiB, VmHWM (peak since start) $(vm "${pid[$name]}" VmHWM) KiB" | tee -a "$summary" >&2
 done
 echo "machine at end: $(machine)" >>"$summary"
