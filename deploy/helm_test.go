@@ -3,7 +3,6 @@
 package deploy_test
 
 import (
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -253,25 +252,7 @@ func helmRefuses(t *testing.T, helm string, cases []struct {
 // TestHelmNotes renders NOTES.txt (helm template leaves it out) through a copy of the chart, and checks that
 // it prints an EncryptionConfiguration for the chart's socket.
 func TestHelmNotes(t *testing.T) {
-	helm := helmBin(t)
-	dir := filepath.Join(t.TempDir(), "kleidi")
-	if err := os.CopyFS(dir, os.DirFS(chartDir)); err != nil {
-		t.Fatal(err)
-	}
-	notes, err := os.ReadFile(filepath.Join(chartDir, "templates", "NOTES.txt"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "notes.tmpl"), notes, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	wrapper := "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n" +
-		`{{ tpl (.Files.Get "notes.tmpl") . | indent 4 }}` + "\n"
-	if err := os.WriteFile(filepath.Join(dir, "templates", "zz-notes.yaml"), []byte(wrapper), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	out := mustRun(t, "", helm, "template", "kleidi", dir, "-n", "kube-system", "--show-only", "templates/zz-notes.yaml",
-		"--set", "socket.hostDir=/run/kms", "--set", "socket.name=k.sock")
+	out := renderNotes(t, helmBin(t), "--set", "socket.hostDir=/run/kms", "--set", "socket.name=k.sock")
 	for _, want := range []string{
 		"kind: EncryptionConfiguration",
 		"apiVersion: v2",
