@@ -22,6 +22,9 @@ var (
 	// ErrNotPrivateKey means a file that must hold a private key holds only a public key, or only stubs of
 	// private keys (as gpg --export-secret-subkeys writes for the primary key).
 	ErrNotPrivateKey = errors.New("gpg: not a private key")
+	// ErrNotPublicKey means a key that must be only public, such as a recovery key given to
+	// [RecipientIdentity], holds a private key: its private half must stay offline.
+	ErrNotPublicKey = errors.New("gpg: not a public key")
 	// ErrPassphraseRequired means a private key is protected by a passphrase and Config names none.
 	ErrPassphraseRequired = errors.New("gpg: passphrase required")
 	// ErrWrongPassphrase means the passphrase does not decrypt the private key.
@@ -43,13 +46,21 @@ var (
 // keyError is an error about one key file. Its message names the file, the key and the problem, and leaves out
 // the text of the sentinel it wraps, which would only repeat the problem.
 type keyError struct {
-	file   string
+	file   string // the key file, or "" for a key given as bytes
+	op     string // for a key given as bytes, the operation that failed and ": ", or ""
 	key    string // "0x" and the long key ID of the primary key, or "" when no key could be read
 	reason string // what is wrong, without key material
 	err    error  // the sentinel
 }
 
 func (e *keyError) Error() string {
+	if e.file == "" {
+		// A key given as bytes, not as a file: the caller knows where it came from.
+		if e.key == "" {
+			return fmt.Sprintf("gpg: %spublic key %s", e.op, e.reason)
+		}
+		return fmt.Sprintf("gpg: %spublic key %s %s", e.op, e.key, e.reason)
+	}
 	if e.key == "" {
 		return fmt.Sprintf("gpg: key file %s: %s", e.file, e.reason)
 	}

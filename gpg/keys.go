@@ -62,6 +62,12 @@ func readKeyFile(path string) (v2.EntityList, error) {
 		return nil, &keyError{file: path, reason: err.Error(), err: ErrInvalidKey}
 	}
 	defer clear(data) // the entities hold their own copies of every packet
+	return parseKeys(data, path)
+}
+
+// parseKeys reads the keys in data, binary or ASCII-armored. Its errors name file, or "public key" when file
+// is empty.
+func parseKeys(data []byte, path string) (v2.EntityList, error) {
 	trimmed := bytes.TrimLeft(data, " \t\r\n")
 	if len(trimmed) == 0 {
 		return nil, &keyError{file: path, reason: "is empty", err: ErrInvalidKey}

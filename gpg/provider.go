@@ -179,19 +179,25 @@ func (p *Provider) Wrap(ctx context.Context, key []byte) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("gpg: wrap: %w", err)
 	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed.Load() {
+		return nil, fmt.Errorf("gpg: wrap: %w", kleidi.ErrClosed)
+	}
+	return wrapKey(p.recipients, key)
+}
+
+// wrapKey encrypts key to recipients as a binary OpenPGP message: the format of every wrapped key of this
+// package. Callers hold the lock that guards the recipients' keys.
+func wrapKey(recipients []*v2.Entity, key []byte) ([]byte, error) {
 	if len(key) == 0 {
 		return nil, errors.New("gpg: wrap: empty key")
 	}
 	if len(key) > MaxKeySize {
 		return nil, fmt.Errorf("gpg: wrap: key of %d bytes, want at most %d: %w", len(key), MaxKeySize, kleidi.ErrTooLarge)
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed.Load() {
-		return nil, fmt.Errorf("gpg: wrap: %w", kleidi.ErrClosed)
-	}
 	var buf bytes.Buffer
-	w, err := v2.EncryptWithParams(&buf, p.recipients, nil, &v2.EncryptParams{Config: pgpConfig})
+	w, err := v2.EncryptWithParams(&buf, recipients, nil, &v2.EncryptParams{Config: pgpConfig})
 	if err != nil {
 		return nil, fmt.Errorf("gpg: wrap: %w", err)
 	}
@@ -203,7 +209,7 @@ func (p *Provider) Wrap(ctx context.Context, key []byte) ([]byte, error) {
 	}
 	if buf.Len() > kleidi.MaxWrappedKeySize {
 		return nil, fmt.Errorf("gpg: wrap: %d bytes wrapped to %d recipients, more than %d: %w",
-			buf.Len(), len(p.recipients), kleidi.MaxWrappedKeySize, kleidi.ErrTooLarge)
+			buf.Len(), len(recipients), kleidi.MaxWrappedKeySize, kleidi.ErrTooLarge)
 	}
 	return buf.Bytes(), nil
 }
