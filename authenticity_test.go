@@ -430,12 +430,13 @@ func TestKeyringCopyWithoutAProofIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ring.Update(ctx, func(records []kleidi.KeyRecord) ([]kleidi.KeyRecord, error) {
-		for i := range records {
-			records[i].State = kleidi.KeyRetired
+	if _, err := ring.Update(ctx, func(ring *kleidi.Ring) error {
+		for i := range ring.Keys {
+			ring.Keys[i].State = kleidi.KeyRetired
 		}
-		return append(records, kleidi.KeyRecord{ID: id, Created: time.Now().UTC().Truncate(time.Second), State: kleidi.KeyActive,
-			Wrapped: []kleidi.WrappedKey{{Root: p.Name(), Blob: blob}}}), nil
+		ring.Keys = append(ring.Keys, kleidi.KeyRecord{ID: id, Created: time.Now().UTC().Truncate(time.Second), State: kleidi.KeyActive,
+			Wrapped: []kleidi.WrappedKey{{Root: p.Name(), Blob: blob}}})
+		return nil
 	}); err != nil {
 		t.Fatal(err)
 	}

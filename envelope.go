@@ -3,7 +3,6 @@ package kleidi
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -44,6 +43,13 @@ type Envelope struct {
 	unwrapTimeout time.Duration
 	createIfEmpty bool
 	usageLimit    uint64
+
+	// Members of a keyring shared by several roots (see [Member]); node is nil unless the provider is a [Node].
+	node    Node
+	selfID  string                     // the node's member ID, or ""
+	anchors []string                   // the members trusted beside itself ([WithTrustedMembers])
+	openers map[string]RecipientOpener // by provider name ([WithRecipientOpener])
+	trusted atomic.Pointer[map[string]*Member]
 
 	active   atomic.Pointer[activeKey]
 	keys     atomic.Pointer[map[string]*kek]      // unwrapped KEKs, copy on write
@@ -126,6 +132,35 @@ func WithKeyUsageLimit(n uint64) Option {
 	}
 }
 
+// WithRecipientOpener lets the Envelope wrap KEKs for members of provider's kind: tpm.OpenRecipient for other
+// nodes' TPMs, gpg.OpenRecipient for an OpenPGP recovery key. A member whose provider has no opener makes
+// [Envelope.Stage] and [Envelope.Enroll] fail.
+func WithRecipientOpener(provider string, open RecipientOpener) Option {
+	return func(e *Envelope) error {
+		if err := CheckProviderName(provider); err != nil {
+			return err
+		}
+		if open == nil {
+			return errors.New("kleidi: WithRecipientOpener: nil opener")
+		}
+		if e.openers == nil {
+			e.openers = make(map[string]RecipientOpener)
+		}
+		e.openers[provider] = open
+		return nil
+	}
+}
+
+// WithTrustedMembers makes the Envelope trust the members with these IDs, beside itself, and every member they
+// endorse (see [Member]): what a node learnt to trust before, kept in its own state. A new node pins the members
+// that endorsed it ([Ring.Endorsers]) when it first starts with the keyring handed to it.
+func WithTrustedMembers(ids ...string) Option {
+	return func(e *Envelope) error {
+		e.anchors = append(e.anchors, ids...)
+		return nil
+	}
+}
+
 // KeyEvent describes a key operation of an [Envelope], for audit logs. It holds no key material.
 type KeyEvent struct {
 	// Op is "unwrap" (a KEK unwrapped through the provider), "rotate" (a new active KEK created by this
@@ -178,11 +213,22 @@ func NewEnvelope(ctx context.Context, p Provider, ring Keyring, opts ...Option) 
 	}
 	e.keys.Store(&map[string]*kek{})
 	e.records.Store(&map[string]KeyRecord{})
+	e.trusted.Store(&map[string]*Member{})
+	if node, ok := p.(Node); ok {
+		id, err := node.Identity(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("kleidi: identity of %s: %w", p.Name(), err)
+		}
+		if err := id.Check(); err != nil {
+			return nil, err
+		}
+		e.node, e.selfID = node, id.ID()
+	}
 	records, err := ring.Load(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("kleidi: load keyring: %w", err)
 	}
-	if len(records) == 0 {
+	if len(records.Keys) == 0 {
 		if !e.createIfEmpty {
 			return nil, fmt.Errorf("kleidi: %w: it holds no key (pass WithCreateIfEmpty to start a new one)", ErrInvalidKeyring)
 		}
@@ -280,11 +326,11 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 // kek unwraps KEK id, not yet in memory, from the keyring's copies or else from the attached key.
 func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, error) {
 	if r, ok := (*e.records.Load())[id]; ok {
-		blobs, err := ownCopies(ctx, r, e.provider.Name(), e.auth)
+		own, shared, err := e.copiesFor(ctx, r, *e.trusted.Load())
 		if err != nil {
 			return nil, err
 		}
-		return e.unwrapShared(ctx, id, blobs, false)
+		return e.unwrapShared(ctx, id, append(own, shared...), false)
 	}
 	if len(attached) == 0 {
 		return nil, fmt.Errorf("%w: %s", ErrUnknownKey, id)
@@ -303,29 +349,46 @@ func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, e
 	return e.unwrapShared(ctx, id, [][]byte{blob}, true)
 }
 
-// ownCopies returns the blobs of r's copies wrapped by root. With an Authenticator, each copy must carry a proof
-// that verifies, except a copy read from a keyring of version 1, written before proofs, which is trusted as local
-// state. A copy that fails is skipped; with no copy left, the error says why.
-func ownCopies(ctx context.Context, r KeyRecord, root string, auth Authenticator) ([][]byte, error) {
-	var blobs [][]byte
+// copiesFor returns the blobs of r's copies that this Envelope's root may unwrap, its own first: own, the copies
+// its root made and proved (checked by [checkCopy]); shared, the copies another member made for it, whose sender
+// is a trusted member and whose signature verifies. A copy that fails is skipped; with no copy left, the error
+// says why.
+func (e *Envelope) copiesFor(ctx context.Context, r KeyRecord, trusted map[string]*Member) (own, shared [][]byte, err error) {
+	return copiesFor(ctx, r, e.provider.Name(), e.auth, e.selfID, trusted)
+}
+
+func copiesFor(ctx context.Context, r KeyRecord, root string, auth Authenticator, self string, trusted map[string]*Member) (own, shared [][]byte, err error) {
 	var errs []error
 	for _, w := range r.Wrapped {
-		if w.Root != root {
+		switch {
+		case w.Root != root || w.Recipient != self && w.Recipient != "":
 			continue
+		case w.Sender == "":
+			if err := checkCopy(ctx, auth, r.ID, w); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			own = append(own, w.Blob)
+		default:
+			sender := trusted[w.Sender]
+			if sender == nil {
+				errs = append(errs, fmt.Errorf("%w: copy from %s, who is not a trusted member", ErrUnauthenticated, w.Sender))
+				continue
+			}
+			if err := sender.Identity.Verify(sharedCopyMessage(r.ID, w.Sender, w.Recipient, w.Blob), w.Proof); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			shared = append(shared, w.Blob)
 		}
-		if err := checkCopy(ctx, auth, r.ID, w); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		blobs = append(blobs, w.Blob)
 	}
-	if len(blobs) == 0 {
+	if len(own)+len(shared) == 0 {
 		if len(errs) > 0 {
-			return nil, fmt.Errorf("key %s: keyring copy: %w", r.ID, errors.Join(errs...))
+			return nil, nil, fmt.Errorf("key %s: keyring copy: %w", r.ID, errors.Join(errs...))
 		}
-		return nil, fmt.Errorf("key %s: %w: the keyring holds no copy wrapped by root %s", r.ID, ErrUnwrap, root)
+		return nil, nil, fmt.Errorf("key %s: %w: the keyring holds no copy for root %s", r.ID, ErrUnwrap, root)
 	}
-	return blobs, nil
+	return own, shared, nil
 }
 
 // checkCopy returns nil if w, a keyring copy of KEK id, may be unwrapped: its proof verifies with auth, or auth is
@@ -437,8 +500,9 @@ func (e *Envelope) cache(k *kek, attached bool) {
 	e.keys.Store(&keys)
 }
 
-// wrapCopy wraps key, KEK id, with p and proves the copy with p if p is an [Authenticator].
-func wrapCopy(ctx context.Context, p Provider, id string, key []byte) (WrappedKey, error) {
+// wrapCopy wraps key, KEK id, with p and proves the copy with p if p is an [Authenticator]. self is p's member
+// ID, or "" when p is not a [Node].
+func wrapCopy(ctx context.Context, p Provider, self, id string, key []byte) (WrappedKey, error) {
 	blob, err := p.Wrap(ctx, key)
 	if err != nil {
 		return WrappedKey{}, fmt.Errorf("wrap: %w", err)
@@ -446,7 +510,7 @@ func wrapCopy(ctx context.Context, p Provider, id string, key []byte) (WrappedKe
 	if len(blob) == 0 || len(blob) > MaxWrappedKeySize {
 		return WrappedKey{}, fmt.Errorf("provider %s returned a wrapped key of %d bytes", p.Name(), len(blob))
 	}
-	w := WrappedKey{Root: p.Name(), Blob: blob}
+	w := WrappedKey{Root: p.Name(), Recipient: self, Blob: blob}
 	if auth, ok := p.(Authenticator); ok {
 		if w.Proof, err = prove(ctx, auth, p.Name(), id, blob); err != nil {
 			return WrappedKey{}, err
@@ -467,53 +531,19 @@ func prove(ctx context.Context, auth Authenticator, root, id string, blob []byte
 	return proof, nil
 }
 
-// Rotate generates a new random KEK, wraps it with the provider, stores it in the keyring as the active key
-// and starts encrypting with it. Older KEKs stay in the keyring, retired, and keep decrypting.
-// It returns the new key ID.
+// Rotate generates a new random KEK, wraps it for the provider and every trusted member of the keyring, stores it
+// as the active key and starts encrypting with it: [Envelope.Stage] and [Envelope.Activate] in one step, for a
+// keyring that one node uses. Older KEKs stay in the keyring, retired, and keep decrypting. It returns the new
+// key ID.
 func (e *Envelope) Rotate(ctx context.Context) (id string, err error) {
 	e.ringMu.Lock()
 	defer e.ringMu.Unlock()
-	if e.closed.Load() {
-		return "", fmt.Errorf("kleidi: rotate: %w", ErrClosed)
-	}
 	start := time.Now()
 	defer func() { e.keyEvent("rotate", id, true, err, start) }()
-	key := make([]byte, KeySize)
-	defer clear(key)
-	if _, err := rand.Read(key); err != nil {
+	if id, err = e.stage(ctx); err != nil {
 		return "", fmt.Errorf("kleidi: rotate: %w", err)
 	}
-	id = keyIDFor(e.provider.Name(), key)
-	k, err := newKEK(id, key)
-	if err != nil {
-		return "", fmt.Errorf("kleidi: rotate: %w", err)
-	}
-	w, err := wrapCopy(ctx, e.provider, id, key)
-	if err != nil {
-		return "", fmt.Errorf("kleidi: rotate: %w", err)
-	}
-	records, err := e.ring.Update(ctx, func(records []KeyRecord) ([]KeyRecord, error) {
-		for i := range records {
-			if records[i].ID == id {
-				return nil, fmt.Errorf("key %s exists already", id) // 2^-160: a broken random source
-			}
-			records[i].State = KeyRetired
-		}
-		if err := e.proveLegacyCopies(ctx, records); err != nil {
-			return nil, err
-		}
-		return append(records, KeyRecord{
-			ID:      id,
-			Created: time.Now().UTC().Truncate(time.Second),
-			State:   KeyActive,
-			Wrapped: []WrappedKey{w},
-		}), nil
-	})
-	if err != nil {
-		return "", fmt.Errorf("kleidi: rotate: %w", err)
-	}
-	e.cache(k, false)
-	if err := e.apply(ctx, records); err != nil {
+	if err := e.activate(ctx, id); err != nil {
 		return "", fmt.Errorf("kleidi: rotate: %w", err)
 	}
 	return id, nil
@@ -541,8 +571,10 @@ func (e *Envelope) proveLegacyCopies(ctx context.Context, records []KeyRecord) e
 
 // Reload reads the keyring again and switches to its active KEK, for a keyring that another process (a rotate
 // command) changed. The new active KEK is unwrapped before the switch, so [Envelope.KeyID] and
-// [Envelope.Encrypt] change together, and on error nothing changes. An Envelope never reloads by itself: a
-// program whose keyring other processes rotate calls Reload (the KMS v2 server does so every few seconds).
+// [Envelope.Encrypt] change together, and on error nothing changes. A KEK that another member wrapped for this
+// one is imported: unwrapped, then wrapped and proved by this root, whose copy replaces it in the keyring. An
+// Envelope never reloads by itself: a program whose keyring other processes change calls Reload (the KMS v2
+// server does so every few seconds).
 func (e *Envelope) Reload(ctx context.Context) (err error) {
 	e.ringMu.Lock()
 	defer e.ringMu.Unlock()
@@ -551,32 +583,41 @@ func (e *Envelope) Reload(ctx context.Context) (err error) {
 	}
 	start, before := time.Now(), e.KeyID()
 	defer func() { e.keyEvent("reload", e.KeyID(), e.KeyID() != before, err, start) }()
-	records, err := e.ring.Load(ctx)
+	ring, err := e.ring.Load(ctx)
 	if err != nil {
 		return fmt.Errorf("kleidi: reload keyring: %w", err)
 	}
-	if len(records) == 0 {
+	if len(ring.Keys) == 0 {
 		return fmt.Errorf("kleidi: reload keyring: %w: no keys", ErrInvalidKeyring)
 	}
-	return e.apply(ctx, records)
+	return e.apply(ctx, ring)
 }
 
-// apply makes records the Envelope's keyring: it unwraps their active KEK, then switches to it and to the
-// records together. The caller holds ringMu.
-func (e *Envelope) apply(ctx context.Context, records []KeyRecord) error {
-	byID := make(map[string]KeyRecord, len(records))
+// apply makes ring the Envelope's keyring: it imports the KEKs other members wrapped for this one, unwraps the
+// active KEK, then switches to it and to the records together. The caller holds ringMu.
+func (e *Envelope) apply(ctx context.Context, ring Ring) error {
+	trusted := trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
+	if e.node != nil {
+		var err error
+		if ring, err = e.importShared(ctx, ring, trusted); err != nil {
+			return err
+		}
+		trusted = trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
+	}
+	byID := make(map[string]KeyRecord, len(ring.Keys))
 	var active KeyRecord
-	for _, r := range records {
+	for _, r := range ring.Keys {
 		byID[r.ID] = r
 		if r.State == KeyActive {
 			active = r
 		}
 	}
 	root := e.provider.Name()
-	blobs, err := ownCopies(ctx, active, root, e.auth)
+	own, shared, err := e.copiesFor(ctx, active, trusted)
 	if err != nil {
 		return fmt.Errorf("kleidi: active key: %w", err)
 	}
+	blobs := append(own, shared...)
 	k := (*e.keys.Load())[active.ID]
 	if k == nil {
 		if k, err = e.unwrapShared(ctx, active.ID, blobs, false); err != nil {
@@ -584,15 +625,16 @@ func (e *Envelope) apply(ctx context.Context, records []KeyRecord) error {
 		}
 	}
 	var attached []byte
-	if e.auth != nil {
-		proof := ownProof(active, root, blobs[0])
-		if proof == nil { // a copy read from a keyring of version 1 (ownCopies accepts no other without a proof)
-			if proof, err = prove(ctx, e.auth, root, active.ID, blobs[0]); err != nil {
+	if e.auth != nil && len(own) > 0 {
+		proof := ownProof(active, root, own[0])
+		if proof == nil { // a copy read from a keyring of version 1 (copiesFor accepts no other without a proof)
+			if proof, err = prove(ctx, e.auth, root, active.ID, own[0]); err != nil {
 				return fmt.Errorf("kleidi: active key %s: %w", active.ID, err)
 			}
 		}
-		attached = encodeAttachedKey(blobs[0], proof)
+		attached = encodeAttachedKey(own[0], proof)
 	}
+	e.trusted.Store(&trusted)
 	e.records.Store(&byID)
 	e.active.Store(&activeKey{kek: k, attached: attached})
 	return nil
@@ -601,7 +643,7 @@ func (e *Envelope) apply(ctx context.Context, records []KeyRecord) error {
 // ownProof returns the proof of r's copy of root whose blob is blob, or nil.
 func ownProof(r KeyRecord, root string, blob []byte) []byte {
 	for _, w := range r.Wrapped {
-		if w.Root == root && bytes.Equal(w.Blob, blob) {
+		if w.Root == root && w.Sender == "" && bytes.Equal(w.Blob, blob) {
 			return w.Proof
 		}
 	}
@@ -643,43 +685,65 @@ func Rewrap(ctx context.Context, ring Keyring, from, to Provider) error {
 	if from == nil || to == nil || ring == nil {
 		return errors.New("kleidi: Rewrap needs a keyring and two providers")
 	}
-	fromAuth, _ := from.(Authenticator)
-	records, err := ring.Load(ctx)
+	fromSelf, err := memberID(ctx, from)
 	if err != nil {
 		return fmt.Errorf("kleidi: rewrap: %w", err)
 	}
-	rewrapped := make(map[string]WrappedKey, len(records))
-	for _, r := range records {
-		blobs, err := ownCopies(ctx, r, from.Name(), fromAuth)
+	toSelf, err := memberID(ctx, to)
+	if err != nil {
+		return fmt.Errorf("kleidi: rewrap: %w", err)
+	}
+	fromAuth, _ := from.(Authenticator)
+	loaded, err := ring.Load(ctx)
+	if err != nil {
+		return fmt.Errorf("kleidi: rewrap: %w", err)
+	}
+	trusted := trustedMembers(loaded, fromSelf)
+	rewrapped := make(map[string]WrappedKey, len(loaded.Keys))
+	for _, r := range loaded.Keys {
+		own, shared, err := copiesFor(ctx, r, from.Name(), fromAuth, fromSelf, trusted)
 		if err != nil {
 			return fmt.Errorf("kleidi: rewrap: %w", err)
 		}
-		key, err := unwrapKey(ctx, from, r.ID, blobs)
+		key, err := unwrapKey(ctx, from, r.ID, append(own, shared...))
 		if err != nil {
 			return fmt.Errorf("kleidi: rewrap: %w", err)
 		}
-		w, err := wrapCopy(ctx, to, r.ID, key)
+		w, err := wrapCopy(ctx, to, toSelf, r.ID, key)
 		clear(key)
 		if err != nil {
 			return fmt.Errorf("kleidi: rewrap key %s: %w", r.ID, err)
 		}
 		rewrapped[r.ID] = w
 	}
-	_, err = ring.Update(ctx, func(records []KeyRecord) ([]KeyRecord, error) {
-		for i, r := range records {
+	_, err = ring.Update(ctx, func(ring *Ring) error {
+		for i, r := range ring.Keys {
 			w, ok := rewrapped[r.ID]
 			if !ok {
 				continue // added by another process meanwhile: already wrapped by its root
 			}
-			copies := slices.DeleteFunc(slices.Clone(r.Wrapped), func(c WrappedKey) bool { return c.Root == w.Root })
-			records[i].Wrapped = append([]WrappedKey{w}, copies...)
+			copies := slices.DeleteFunc(slices.Clone(r.Wrapped), func(c WrappedKey) bool { return c.Root == w.Root && c.Recipient == w.Recipient })
+			ring.Keys[i].Wrapped = append([]WrappedKey{w}, copies...)
 		}
-		return records, nil
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("kleidi: rewrap: %w", err)
 	}
 	return nil
+}
+
+// memberID returns p's member ID if p is a [Node], else "".
+func memberID(ctx context.Context, p Provider) (string, error) {
+	node, ok := p.(Node)
+	if !ok {
+		return "", nil
+	}
+	id, err := node.Identity(ctx)
+	if err != nil {
+		return "", fmt.Errorf("identity of %s: %w", p.Name(), err)
+	}
+	return id.ID(), nil
 }
 
 // providerPanic is the error of an unwrap whose provider panicked. The panic value is not part of it: it may hold

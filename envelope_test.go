@@ -165,7 +165,8 @@ func TestRotationKeepsOldCiphertexts(t *testing.T) {
 			}
 		}
 	}
-	records, err := ring.Load(ctx)
+	loaded, err := ring.Load(ctx)
+	records := loaded.Keys
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,42 +36,41 @@ func NewFileKeyring(path string) *FileKeyring { return &FileKeyring{path: path} 
 func (k *FileKeyring) Path() string { return k.path }
 
 // Load reads the keyring under a shared lock.
-func (k *FileKeyring) Load(ctx context.Context) ([]KeyRecord, error) {
+func (k *FileKeyring) Load(ctx context.Context) (Ring, error) {
 	unlock, err := k.lock(ctx, syscall.LOCK_SH)
 	if err != nil {
-		return nil, err
+		return Ring{}, err
 	}
 	defer unlock()
 	return k.read()
 }
 
 // Update changes the keyring under an exclusive lock.
-func (k *FileKeyring) Update(ctx context.Context, change func([]KeyRecord) ([]KeyRecord, error)) ([]KeyRecord, error) {
+func (k *FileKeyring) Update(ctx context.Context, change func(*Ring) error) (Ring, error) {
 	unlock, err := k.lock(ctx, syscall.LOCK_EX)
 	if err != nil {
-		return nil, err
+		return Ring{}, err
 	}
 	defer unlock()
-	records, err := k.read()
+	ring, err := k.read()
 	if err != nil {
-		return nil, err
+		return Ring{}, err
 	}
-	records, err = change(records)
-	if err != nil {
-		return nil, err
+	if err := change(&ring); err != nil {
+		return Ring{}, err
 	}
-	b, err := encodeKeyring(records)
+	b, err := encodeKeyring(ring)
 	if err != nil {
-		return nil, err
+		return Ring{}, err
 	}
 	uid, gid, err := k.owner()
 	if err != nil {
-		return nil, err
+		return Ring{}, err
 	}
 	if err := writeFileAtomic(k.path, b, uid, gid); err != nil {
-		return nil, fmt.Errorf("kleidi: write keyring %s: %w", k.path, err)
+		return Ring{}, fmt.Errorf("kleidi: write keyring %s: %w", k.path, err)
 	}
-	return records, nil
+	return ring, nil
 }
 
 // dirOwner returns the owner of the keyring's directory when this process is root, so that root accepts a
@@ -134,40 +133,40 @@ func (k *FileKeyring) checkLock(f *os.File) error {
 	return nil
 }
 
-func (k *FileKeyring) read() ([]KeyRecord, error) {
+func (k *FileKeyring) read() (Ring, error) {
 	f, err := os.OpenFile(k.path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+		return Ring{}, nil
 	}
 	if errors.Is(err, syscall.ELOOP) {
-		return nil, fmt.Errorf("kleidi: keyring %s is a symbolic link; refusing to follow it: %w", k.path, ErrInvalidKeyring)
+		return Ring{}, fmt.Errorf("kleidi: keyring %s is a symbolic link; refusing to follow it: %w", k.path, ErrInvalidKeyring)
 	}
 	if errors.Is(err, os.ErrPermission) {
 		if uid, _, oerr := trustedpath.Owner(k.path); oerr == nil && int(uid) != os.Geteuid() {
-			return nil, fmt.Errorf("kleidi: read keyring %s: permission denied: it belongs to uid %d; run as uid %d "+
+			return Ring{}, fmt.Errorf("kleidi: read keyring %s: permission denied: it belongs to uid %d; run as uid %d "+
 				"(or chown it to uid %d): %w", k.path, uid, uid, os.Geteuid(), err)
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("kleidi: read keyring: %w", err)
+		return Ring{}, fmt.Errorf("kleidi: read keyring: %w", err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("kleidi: read keyring %s: %w", k.path, err)
+		return Ring{}, fmt.Errorf("kleidi: read keyring %s: %w", k.path, err)
 	}
 	if err := trustedpath.File(k.path, fi, k.dirOwner()); err != nil {
-		return nil, fmt.Errorf("kleidi: keyring: %w: %w", err, ErrInvalidKeyring)
+		return Ring{}, fmt.Errorf("kleidi: keyring: %w: %w", err, ErrInvalidKeyring)
 	}
 	b, err := io.ReadAll(io.LimitReader(f, maxKeyringSize+1))
 	if err != nil {
-		return nil, fmt.Errorf("kleidi: read keyring %s: %w", k.path, err)
+		return Ring{}, fmt.Errorf("kleidi: read keyring %s: %w", k.path, err)
 	}
-	records, err := parseKeyring(b)
+	ring, err := parseKeyring(b)
 	if err != nil {
-		return nil, fmt.Errorf("kleidi: keyring %s: %w", k.path, err)
+		return Ring{}, fmt.Errorf("kleidi: keyring %s: %w", k.path, err)
 	}
-	return records, nil
+	return ring, nil
 }
 
 // lock takes an advisory lock of kind how, waiting until ctx ends.

@@ -137,7 +137,8 @@ func TestFileKeyringRootKeepsOwner(t *testing.T) {
 			t.Errorf("%s after a rotation by root: mode %v, want 0600", filepath.Base(f), fi.Mode().Perm())
 		}
 	}
-	records, err := ring.Load(ctx)
+	loaded, err := ring.Load(ctx)
+	records := loaded.Keys
 	if err != nil || len(records) != 2 {
 		t.Errorf("Load() after the rotation = %d records, %v; want 2, nil", len(records), err)
 	}

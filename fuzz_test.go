@@ -43,7 +43,7 @@ func TestGoldenKeyring(t *testing.T) {
 		if err != nil {
 			t.Fatalf("parseKeyring(%s) err = %v, want nil", file, err)
 		}
-		got, _ := json.Marshal(records)
+		got, _ := json.Marshal(records.Keys)
 		wantJSON, _ := json.Marshal(goldenRecords(withProofs))
 		if !bytes.Equal(got, wantJSON) {
 			t.Errorf("parseKeyring(%s) = %s, want %s", file, got, wantJSON)
@@ -53,7 +53,7 @@ func TestGoldenKeyring(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if enc, err := encodeKeyring(goldenRecords(true)); err != nil || !bytes.Equal(enc, b) {
+	if enc, err := encodeKeyring(Ring{Keys: goldenRecords(true)}); err != nil || !bytes.Equal(enc, b) {
 		t.Errorf("encodeKeyring(golden records) differs from %s (err %v):\n%s", goldenKeyring, err, enc)
 	}
 }
@@ -156,8 +156,9 @@ func FuzzParseKeyring(f *testing.F) {
 			t.Fatalf("encodeKeyring(parseKeyring(b)) err = %v", err)
 		}
 		again, err := parseKeyring(enc)
-		if err != nil || len(again) != len(records) {
-			t.Fatalf("parseKeyring(encodeKeyring(records)) = %d records, %v; want %d, nil", len(again), err, len(records))
+		if err != nil || len(again.Keys) != len(records.Keys) || len(again.Members) != len(records.Members) {
+			t.Fatalf("parseKeyring(encodeKeyring(records)) = %d keys, %d members, %v; want %d, %d, nil",
+				len(again.Keys), len(again.Members), err, len(records.Keys), len(records.Members))
 		}
 	})
 }

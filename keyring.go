@@ -19,6 +19,9 @@ const (
 	KeyActive KeyState = "active"
 	// KeyRetired is a KEK kept to decrypt data encrypted before a rotation.
 	KeyRetired KeyState = "retired"
+	// KeyStaged is a KEK wrapped for every member but not yet used to encrypt: the first half of a rotation
+	// across nodes (see [Envelope.Stage]). It decrypts, and becomes active with [Envelope.Activate].
+	KeyStaged KeyState = "staged"
 )
 
 // KeyRecord is one KEK as a keyring stores it: never the key itself, only wrapped copies of it.
@@ -39,8 +42,15 @@ type WrappedKey struct {
 	Root string `json:"root"`
 	// Blob is what [Provider.Wrap] returned.
 	Blob []byte `json:"blob"`
-	// Proof is what [Authenticator.Prove] of the root returned over the copy (see [Envelope]), or nil for a copy
-	// made by a root that is not an Authenticator or by a version of kleidi before proofs (keyring version 1).
+	// Recipient is the ID of the member the copy is wrapped for (see [Identity.ID]); empty for the copy of a root
+	// that is the keyring's only one, as before members.
+	Recipient string `json:"recipient,omitempty"`
+	// Sender is the ID of the member that wrapped the copy for another member, and signed it: Proof is then its
+	// signature ([Node.Sign]). Empty for a copy its own root made and proved.
+	Sender string `json:"sender,omitempty"`
+	// Proof is what [Authenticator.Prove] of the root returned over the copy (see [Envelope]), or the sender's
+	// signature, or nil for a copy made by a root that is not an Authenticator or by a version of kleidi before
+	// proofs (keyring version 1).
 	Proof []byte `json:"proof,omitempty"`
 
 	// legacy marks a copy read from a keyring of version 1, written before proofs: the only copies without a proof
@@ -48,26 +58,37 @@ type WrappedKey struct {
 	legacy bool
 }
 
-// Keyring stores the list of wrapped KEKs. It holds nothing secret. Implementations are safe for concurrent
-// use, and Update excludes every other Update of the same keyring, in this process and in others.
+// Ring is what a [Keyring] stores: the wrapped KEKs, and the members they are wrapped for.
+type Ring struct {
+	// Keys are the KEKs, oldest first.
+	Keys []KeyRecord
+	// Members are the roots of trust every KEK is wrapped for, when several share the keyring (see [Member]);
+	// empty for a keyring of one root.
+	Members []Member
+}
+
+// Keyring stores a [Ring]. It holds nothing secret. Implementations are safe for concurrent use, and Update
+// excludes every other Update of the same keyring, in this process and in others.
 type Keyring interface {
-	// Load returns the records; a keyring never written has none. A corrupt keyring gives an error wrapping
+	// Load returns the ring; a keyring never written has no keys. A corrupt keyring gives an error wrapping
 	// [ErrInvalidKeyring].
-	Load(ctx context.Context) ([]KeyRecord, error)
-	// Update loads the records, passes them to change and stores what change returns, atomically. If loading
-	// or change fails, nothing is written. It returns the stored records.
-	Update(ctx context.Context, change func([]KeyRecord) ([]KeyRecord, error)) ([]KeyRecord, error)
+	Load(ctx context.Context) (Ring, error)
+	// Update loads the ring, passes it to change and stores what change leaves in it, atomically. If loading
+	// or change fails, nothing is written. It returns the stored ring.
+	Update(ctx context.Context, change func(*Ring) error) (Ring, error)
 }
 
 // Keyring file format.
 const (
-	keyringFormat  = "kleidi-keyring"
-	keyringVersion = 2 // 2 added WrappedKey.Proof; version 1 files are read
+	keyringFormat = "kleidi-keyring"
+	// keyringVersion is the version written: 2 added WrappedKey.Proof, 3 members (written only by a keyring that
+	// has them, so that a keyring of one root stays readable by the versions before). Versions 1 and 2 are read.
+	keyringVersion = 3
 	// maxKeyringSize bounds what is read from a keyring file.
 	maxKeyringSize = 16 << 20
 	// maxKeyRecords bounds the number of KEKs in a keyring: daily rotation for ten years.
 	maxKeyRecords = 4096
-	// maxWrappedCopies bounds the wrapped copies of one KEK.
+	// maxWrappedCopies bounds the wrapped copies of one KEK, and so the members of a keyring.
 	maxWrappedCopies = 64
 )
 
@@ -75,14 +96,19 @@ type keyringFile struct {
 	Format  string      `json:"format"`
 	Version int         `json:"version"`
 	Keys    []KeyRecord `json:"keys"`
+	Members []Member    `json:"members,omitempty"`
 }
 
-// encodeKeyring checks records and returns the keyring file that holds them.
-func encodeKeyring(records []KeyRecord) ([]byte, error) {
-	if err := checkRecords(records); err != nil {
+// encodeKeyring checks ring and returns the keyring file that holds it.
+func encodeKeyring(ring Ring) ([]byte, error) {
+	records := ring.Keys
+	if err := checkRing(ring); err != nil {
 		return nil, err
 	}
-	version := keyringVersion
+	version := 2
+	if len(ring.Members) > 0 {
+		version = keyringVersion
+	}
 	for _, r := range records {
 		for _, w := range r.Wrapped {
 			if w.legacy && w.Proof == nil {
@@ -90,7 +116,7 @@ func encodeKeyring(records []KeyRecord) ([]byte, error) {
 			}
 		}
 	}
-	b, err := json.MarshalIndent(keyringFile{Format: keyringFormat, Version: version, Keys: records}, "", "  ")
+	b, err := json.MarshalIndent(keyringFile{Format: keyringFormat, Version: version, Keys: records, Members: ring.Members}, "", "  ")
 	if err != nil {
 		return nil, err
 	}
@@ -98,12 +124,12 @@ func encodeKeyring(records []KeyRecord) ([]byte, error) {
 }
 
 // parseKeyring parses a keyring file. Errors wrap [ErrInvalidKeyring].
-func parseKeyring(b []byte) ([]KeyRecord, error) {
+func parseKeyring(b []byte) (Ring, error) {
 	if len(b) == 0 {
-		return nil, fmt.Errorf("%w: empty file", ErrInvalidKeyring)
+		return Ring{}, fmt.Errorf("%w: empty file", ErrInvalidKeyring)
 	}
 	if len(b) > maxKeyringSize {
-		return nil, fmt.Errorf("%w: %d bytes is larger than %d", ErrInvalidKeyring, len(b), maxKeyringSize)
+		return Ring{}, fmt.Errorf("%w: %d bytes is larger than %d", ErrInvalidKeyring, len(b), maxKeyringSize)
 	}
 	// The version is read first, so a newer format gets a clear message rather than a field error.
 	var head struct {
@@ -111,25 +137,29 @@ func parseKeyring(b []byte) ([]KeyRecord, error) {
 		Version int    `json:"version"`
 	}
 	if err := json.Unmarshal(b, &head); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalidKeyring, err)
+		return Ring{}, fmt.Errorf("%w: %v", ErrInvalidKeyring, err)
 	}
 	if head.Format != keyringFormat {
-		return nil, fmt.Errorf("%w: format %q, want %q", ErrInvalidKeyring, head.Format, keyringFormat)
+		return Ring{}, fmt.Errorf("%w: format %q, want %q", ErrInvalidKeyring, head.Format, keyringFormat)
 	}
-	if head.Version != 1 && head.Version != keyringVersion {
-		return nil, fmt.Errorf("%w: unsupported version %d, want %d", ErrInvalidKeyring, head.Version, keyringVersion)
+	if head.Version < 1 || head.Version > keyringVersion {
+		return Ring{}, fmt.Errorf("%w: unsupported version %d, want %d", ErrInvalidKeyring, head.Version, keyringVersion)
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	var f keyringFile
 	if err := dec.Decode(&f); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalidKeyring, err)
+		return Ring{}, fmt.Errorf("%w: %v", ErrInvalidKeyring, err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return nil, fmt.Errorf("%w: data after the keyring", ErrInvalidKeyring)
+		return Ring{}, fmt.Errorf("%w: data after the keyring", ErrInvalidKeyring)
 	}
-	if err := checkRecords(f.Keys); err != nil {
-		return nil, err
+	ring := Ring{Keys: f.Keys, Members: f.Members}
+	if f.Version < 3 && len(f.Members) > 0 {
+		return Ring{}, fmt.Errorf("%w: members in a keyring of version %d", ErrInvalidKeyring, f.Version)
+	}
+	if err := checkRing(ring); err != nil {
+		return Ring{}, err
 	}
 	if f.Version == 1 {
 		for i := range f.Keys {
@@ -138,10 +168,18 @@ func parseKeyring(b []byte) ([]KeyRecord, error) {
 			}
 		}
 	}
-	return f.Keys, nil
+	return ring, nil
 }
 
-// checkRecords returns an error wrapping [ErrInvalidKeyring] unless records form a valid keyring.
+// checkRing returns an error wrapping [ErrInvalidKeyring] unless ring is a valid keyring.
+func checkRing(ring Ring) error {
+	if err := checkRecords(ring.Keys); err != nil {
+		return err
+	}
+	return checkMembers(ring.Members)
+}
+
+// checkRecords returns an error wrapping [ErrInvalidKeyring] unless records form a valid list of keys.
 func checkRecords(records []KeyRecord) error {
 	invalid := func(format string, args ...any) error {
 		return fmt.Errorf("%w: "+format, append([]any{ErrInvalidKeyring}, args...)...)
@@ -162,22 +200,34 @@ func checkRecords(records []KeyRecord) error {
 		switch r.State {
 		case KeyActive:
 			active++
-		case KeyRetired:
+		case KeyRetired, KeyStaged:
 		default:
 			return invalid("key %s: unknown state %q", r.ID, r.State)
 		}
 		if len(r.Wrapped) == 0 || len(r.Wrapped) > maxWrappedCopies {
 			return invalid("key %s: %d wrapped copies, want 1 to %d", r.ID, len(r.Wrapped), maxWrappedCopies)
 		}
-		roots := make(map[string]bool, len(r.Wrapped))
+		recipients := make(map[string]bool, len(r.Wrapped))
 		for _, w := range r.Wrapped {
 			if err := CheckProviderName(w.Root); err != nil {
 				return invalid("key %s: %v", r.ID, err)
 			}
-			if roots[w.Root] {
-				return invalid("key %s: two copies for root %s", r.ID, w.Root)
+			for _, m := range []string{w.Recipient, w.Sender} {
+				if len(m) > maxMemberIDSize {
+					return invalid("key %s: member ID of %d bytes", r.ID, len(m))
+				}
 			}
-			roots[w.Root] = true
+			if w.Sender != "" && (w.Recipient == "" || len(w.Proof) == 0) {
+				return invalid("key %s: a copy with a sender needs a recipient and a signature", r.ID)
+			}
+			to := w.Recipient
+			if to == "" {
+				to = w.Root // a keyring of one root: one copy per root
+			}
+			if recipients[to] {
+				return invalid("key %s: two copies for %s", r.ID, to)
+			}
+			recipients[to] = true
 			if len(w.Blob) == 0 || len(w.Blob) > MaxWrappedKeySize {
 				return invalid("key %s: wrapped copy of %d bytes, want 1 to %d", r.ID, len(w.Blob), MaxWrappedKeySize)
 			}
@@ -204,35 +254,35 @@ var _ Keyring = (*MemoryKeyring)(nil)
 // NewMemoryKeyring returns an empty keyring in memory.
 func NewMemoryKeyring() *MemoryKeyring { return &MemoryKeyring{} }
 
-// Load returns the records.
-func (k *MemoryKeyring) Load(ctx context.Context) ([]KeyRecord, error) {
+// Load returns the ring.
+func (k *MemoryKeyring) Load(ctx context.Context) (Ring, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return k.read()
 }
 
-func (k *MemoryKeyring) read() ([]KeyRecord, error) {
+func (k *MemoryKeyring) read() (Ring, error) {
 	if k.data == nil {
-		return nil, nil
+		return Ring{}, nil
 	}
 	return parseKeyring(k.data)
 }
 
-// Update changes the records.
-func (k *MemoryKeyring) Update(ctx context.Context, change func([]KeyRecord) ([]KeyRecord, error)) ([]KeyRecord, error) {
+// Update changes the ring.
+func (k *MemoryKeyring) Update(ctx context.Context, change func(*Ring) error) (Ring, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	records, err := k.read()
+	ring, err := k.read()
 	if err != nil {
-		return nil, err
+		return Ring{}, err
 	}
-	if records, err = change(records); err != nil {
-		return nil, err
+	if err := change(&ring); err != nil {
+		return Ring{}, err
 	}
-	b, err := encodeKeyring(records)
+	b, err := encodeKeyring(ring)
 	if err != nil {
-		return nil, err
+		return Ring{}, err
 	}
 	k.data = b
-	return records, nil
+	return ring, nil
 }

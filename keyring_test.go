@@ -51,7 +51,7 @@ func TestCorruptKeyringIsRefusedAndUntouched(t *testing.T) {
 		"truncated":    good[:len(good)/2],
 		"one byte":     good[:1],
 		"garbage":      []byte("\x00\x01not a keyring"),
-		"newer":        bytes.Replace(good, []byte(`"version": 2`), []byte(`"version": 3`), 1),
+		"newer":        bytes.Replace(good, []byte(`"version": 2`), []byte(`"version": 4`), 1),
 		"other format": bytes.Replace(good, []byte(`"kleidi-keyring"`), []byte(`"other"`), 1),
 		"no active":    bytes.Replace(good, []byte(`"active"`), []byte(`"retired"`), 1),
 		"bad state":    bytes.Replace(good, []byte(`"active"`), []byte(`"paused"`), 1),
@@ -67,7 +67,7 @@ func TestCorruptKeyringIsRefusedAndUntouched(t *testing.T) {
 			if _, err := kleidi.NewEnvelope(ctx, p, ring); !errors.Is(err, kleidi.ErrInvalidKeyring) {
 				t.Errorf("kleidi.NewEnvelope(%s keyring) err = %v, want kleidi.ErrInvalidKeyring", name, err)
 			}
-			_, err := ring.Update(ctx, func(r []kleidi.KeyRecord) ([]kleidi.KeyRecord, error) { return r, nil })
+			_, err := ring.Update(ctx, func(*kleidi.Ring) error { return nil })
 			if !errors.Is(err, kleidi.ErrInvalidKeyring) {
 				t.Errorf("ring.Update(%s keyring) err = %v, want kleidi.ErrInvalidKeyring", name, err)
 			}
@@ -160,7 +160,8 @@ func TestRotateFromManyProcesses(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	records, err := ring.Load(ctx)
+	loaded, err := ring.Load(ctx)
+	records := loaded.Keys
 	if err != nil {
 		t.Fatalf("ring.Load() after concurrent rotations err = %v, want nil", err)
 	}
@@ -178,7 +179,8 @@ func TestNothingSecretInOutput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	records, err := ring.Load(ctx)
+	loaded, err := ring.Load(ctx)
+	records := loaded.Keys
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,12 +37,13 @@ func newSimHolder(t *testing.T) *Provider {
 func copyKeyring(t *testing.T, ring kleidi.Keyring) *kleidi.MemoryKeyring {
 	t.Helper()
 	ctx := context.Background()
-	records, err := ring.Load(ctx)
+	loaded, err := ring.Load(ctx)
+	records := loaded.Keys
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := kleidi.NewMemoryKeyring()
-	if _, err := c.Update(ctx, func([]kleidi.KeyRecord) ([]kleidi.KeyRecord, error) { return records, nil }); err != nil {
+	if _, err := c.Update(ctx, func(r *kleidi.Ring) error { r.Keys, r.Members = records, loaded.Members; return nil }); err != nil {
 		t.Fatal(err)
 	}
 	return c
@@ -50,7 +51,8 @@ func copyKeyring(t *testing.T, ring kleidi.Keyring) *kleidi.MemoryKeyring {
 
 func keyIDs(t *testing.T, ring kleidi.Keyring) []string {
 	t.Helper()
-	records, err := ring.Load(context.Background())
+	loaded, err := ring.Load(context.Background())
+	records := loaded.Keys
 	if err != nil {
 		t.Fatal(err)
 	}

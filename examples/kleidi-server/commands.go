@@ -253,7 +253,8 @@ func runRewrap(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := kleidi.Rewrap(ctx, ring, from, to); err != nil {
 		return err
 	}
-	records, err := ring.Load(ctx)
+	loaded, err := ring.Load(ctx)
+	records := loaded.Keys
 	if err != nil {
 		return err
 	}
@@ -272,7 +273,8 @@ func refuseRemovedRecipients(ctx context.Context, ring kleidi.Keyring, to kleidi
 	if !ok {
 		return nil
 	}
-	records, err := ring.Load(ctx)
+	loaded, err := ring.Load(ctx)
+	records := loaded.Keys
 	if err != nil {
 		return err
 	}

@@ -499,7 +499,8 @@ func TestRewrapAddsARecipient(t *testing.T) {
 		}
 	}
 	ids := func() string {
-		records, err := kleidi.NewFileKeyring(filepath.Join(s.dir, "state", "keyring.json")).Load(context.Background())
+		loaded, err := kleidi.NewFileKeyring(filepath.Join(s.dir, "state", "keyring.json")).Load(context.Background())
+		records := loaded.Keys
 		if err != nil {
 			t.Fatal(err)
 		}

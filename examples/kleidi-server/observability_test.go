@@ -99,7 +99,8 @@ func TestNoSecretsInLogsAuditOrMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer keys.Close()
-	records, err := kleidi.NewFileKeyring(filepath.Join(s.dir, "state", "keyring.json")).Load(ctx)
+	loaded, err := kleidi.NewFileKeyring(filepath.Join(s.dir, "state", "keyring.json")).Load(ctx)
+	records := loaded.Keys
 	if err != nil || len(records) != 2 {
 		t.Fatalf("keyring: %d records, %v; want 2", len(records), err)
 	}

@@ -1,0 +1,431 @@
+package kleidi
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"time"
+)
+
+// Stage generates a new random KEK, wraps it for the provider and for every trusted member of the keyring, and
+// stores it as a staged key: every member can unwrap it, none encrypts with it yet. It returns the new key ID.
+// With several nodes, distribute the keyring, then [Envelope.Activate] the key on each node: a node never
+// encrypts with a key that the others cannot read yet.
+func (e *Envelope) Stage(ctx context.Context) (string, error) {
+	e.ringMu.Lock()
+	defer e.ringMu.Unlock()
+	id, err := e.stage(ctx)
+	if err != nil {
+		return "", fmt.Errorf("kleidi: stage: %w", err)
+	}
+	return id, nil
+}
+
+// stage is Stage; the caller holds ringMu.
+func (e *Envelope) stage(ctx context.Context) (string, error) {
+	if e.closed.Load() {
+		return "", ErrClosed
+	}
+	key := make([]byte, KeySize)
+	defer clear(key)
+	if _, err := rand.Read(key); err != nil {
+		return "", err
+	}
+	id := keyIDFor(e.provider.Name(), key)
+	k, err := newKEK(id, key)
+	if err != nil {
+		return "", err
+	}
+	ring, err := e.ring.Load(ctx)
+	if err != nil {
+		return "", err
+	}
+	copies, err := e.wrapForMembers(ctx, ring, id, key)
+	if err != nil {
+		return "", err
+	}
+	_, err = e.ring.Update(ctx, func(ring *Ring) error {
+		for _, r := range ring.Keys {
+			if r.ID == id {
+				return fmt.Errorf("key %s exists already", id) // 2^-160: a broken random source
+			}
+		}
+		if err := e.proveLegacyCopies(ctx, ring.Keys); err != nil {
+			return err
+		}
+		state := KeyStaged
+		if len(ring.Keys) == 0 {
+			state = KeyActive // a keyring's first key: nothing reads it yet, and a keyring has an active key
+		}
+		ring.Keys = append(ring.Keys, KeyRecord{ID: id, Created: time.Now().UTC().Truncate(time.Second), State: state, Wrapped: copies})
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	e.cache(k, false)
+	return id, nil
+}
+
+// wrapForMembers wraps key, KEK id, for the provider and for every member of ring that this node trusts. Each
+// copy for another member is signed by this node.
+func (e *Envelope) wrapForMembers(ctx context.Context, ring Ring, id string, key []byte) ([]WrappedKey, error) {
+	own, err := wrapCopy(ctx, e.provider, e.selfID, id, key)
+	if err != nil {
+		return nil, err
+	}
+	copies := []WrappedKey{own}
+	trusted := trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
+	for _, m := range ring.Members {
+		if m.ID == e.selfID || trusted[m.ID] == nil {
+			continue // an untrusted member gets nothing: only a trusted member's endorsement makes a member
+		}
+		w, err := e.wrapFor(ctx, &m.Identity, id, key)
+		if err != nil {
+			return nil, err
+		}
+		copies = append(copies, w)
+	}
+	return copies, nil
+}
+
+// wrapFor wraps key, KEK id, for the member of identity to, and signs the copy.
+func (e *Envelope) wrapFor(ctx context.Context, to *Identity, id string, key []byte) (WrappedKey, error) {
+	if e.node == nil {
+		return WrappedKey{}, fmt.Errorf("provider %s cannot wrap for other members: it is not a kleidi.Node", e.provider.Name())
+	}
+	open := e.openers[to.Provider]
+	if open == nil {
+		return WrappedKey{}, fmt.Errorf("no recipient opener for provider %s (member %s)", to.Provider, to.ID())
+	}
+	rcpt, err := open(to)
+	if err != nil {
+		return WrappedKey{}, fmt.Errorf("member %s: %w", to.ID(), err)
+	}
+	blob, err := rcpt.Wrap(ctx, key)
+	if err != nil {
+		return WrappedKey{}, fmt.Errorf("wrap for member %s: %w", to.ID(), err)
+	}
+	if len(blob) == 0 || len(blob) > MaxWrappedKeySize {
+		return WrappedKey{}, fmt.Errorf("recipient %s returned a wrapped key of %d bytes", to.ID(), len(blob))
+	}
+	sig, err := e.sign(ctx, sharedCopyMessage(id, e.selfID, to.ID(), blob))
+	if err != nil {
+		return WrappedKey{}, err
+	}
+	return WrappedKey{Root: to.Provider, Recipient: to.ID(), Sender: e.selfID, Blob: blob, Proof: sig}, nil
+}
+
+func (e *Envelope) sign(ctx context.Context, message []byte) ([]byte, error) {
+	sig, err := e.node.Sign(ctx, message)
+	if err != nil {
+		return nil, fmt.Errorf("sign: %w", err)
+	}
+	if len(sig) == 0 || len(sig) > MaxSignatureSize {
+		return nil, fmt.Errorf("provider %s returned a signature of %d bytes", e.provider.Name(), len(sig))
+	}
+	return sig, nil
+}
+
+// Activate makes the staged KEK id the active key of the keyring and starts encrypting with it. It refuses a key
+// this node cannot unwrap, and a retired key: key IDs are never reused. A key that is active already is kept.
+func (e *Envelope) Activate(ctx context.Context, id string) (err error) {
+	e.ringMu.Lock()
+	defer e.ringMu.Unlock()
+	start := time.Now()
+	defer func() { e.keyEvent("activate", id, err == nil, err, start) }()
+	if err := e.activate(ctx, id); err != nil {
+		return fmt.Errorf("kleidi: activate %s: %w", id, err)
+	}
+	return nil
+}
+
+// activate is Activate; the caller holds ringMu.
+func (e *Envelope) activate(ctx context.Context, id string) error {
+	if e.closed.Load() {
+		return ErrClosed
+	}
+	ring, err := e.ring.Load(ctx)
+	if err != nil {
+		return err
+	}
+	i := slices.IndexFunc(ring.Keys, func(r KeyRecord) bool { return r.ID == id })
+	if i < 0 {
+		return fmt.Errorf("%w: %s is not in the keyring", ErrUnknownKey, id)
+	}
+	if ring.Keys[i].State == KeyRetired {
+		return fmt.Errorf("key %s is retired: key IDs are never reused; stage a new key", id)
+	}
+	if (*e.keys.Load())[id] == nil {
+		trusted := trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
+		own, shared, err := e.copiesFor(ctx, ring.Keys[i], trusted)
+		if err != nil {
+			return fmt.Errorf("this node cannot unwrap it: %w", err)
+		}
+		if _, err := e.unwrapShared(ctx, id, append(own, shared...), false); err != nil {
+			return fmt.Errorf("this node cannot unwrap it: %w", err)
+		}
+	}
+	ring, err = e.ring.Update(ctx, func(ring *Ring) error {
+		found := false
+		for i := range ring.Keys {
+			switch {
+			case ring.Keys[i].ID == id && ring.Keys[i].State == KeyRetired:
+				return fmt.Errorf("key %s was retired meanwhile", id)
+			case ring.Keys[i].ID == id:
+				ring.Keys[i].State, found = KeyActive, true
+			case ring.Keys[i].State == KeyActive:
+				ring.Keys[i].State = KeyRetired
+			}
+		}
+		if !found {
+			return fmt.Errorf("%w: %s left the keyring meanwhile", ErrUnknownKey, id)
+		}
+		return e.proveLegacyCopies(ctx, ring.Keys)
+	})
+	if err != nil {
+		return err
+	}
+	return e.apply(ctx, ring)
+}
+
+// importShared makes this node's own copy of every KEK of ring that another member wrapped for it and that it
+// has no own copy of: it unwraps the shared copy (whose sender's signature copiesFor checked), wraps the key with
+// its root and proves it, and stores that copy in place of the shared one, so later starts unwrap from a copy
+// of the node's own making (a TPM's own storage key and policy). A key it cannot import is left as it is; the
+// error of the active key's import is the caller's to see. The caller holds ringMu.
+func (e *Envelope) importShared(ctx context.Context, ring Ring, trusted map[string]*Member) (Ring, error) {
+	imported := make(map[string]WrappedKey)
+	for _, r := range ring.Keys {
+		own, shared, err := e.copiesFor(ctx, r, trusted)
+		if err != nil || len(own) > 0 || len(shared) == 0 {
+			continue
+		}
+		w, err := e.importKey(ctx, r.ID, shared)
+		if err != nil {
+			e.keyEvent("import", r.ID, false, err, time.Now())
+			continue
+		}
+		imported[r.ID] = w
+	}
+	if len(imported) == 0 {
+		return ring, nil
+	}
+	return e.ring.Update(ctx, func(ring *Ring) error {
+		for i, r := range ring.Keys {
+			w, ok := imported[r.ID]
+			if !ok {
+				continue
+			}
+			copies := slices.DeleteFunc(slices.Clone(r.Wrapped), func(c WrappedKey) bool { return c.Recipient == e.selfID })
+			ring.Keys[i].Wrapped = append([]WrappedKey{w}, copies...)
+		}
+		return nil
+	})
+}
+
+// importKey unwraps KEK id from shared copies, keeps it in memory, and returns this node's own copy of it.
+func (e *Envelope) importKey(ctx context.Context, id string, shared [][]byte) (w WrappedKey, err error) {
+	start := time.Now()
+	defer func() { e.keyEvent("import", id, true, err, start) }()
+	key, err := unwrapKey(ctx, e.provider, id, shared)
+	if err != nil {
+		return WrappedKey{}, err
+	}
+	defer clear(key)
+	k, err := newKEK(id, key)
+	if err != nil {
+		return WrappedKey{}, err
+	}
+	if w, err = wrapCopy(ctx, e.provider, e.selfID, id, key); err != nil {
+		return WrappedKey{}, err
+	}
+	e.cache(k, false)
+	return w, nil
+}
+
+// Enroll makes the root of identity a member of the keyring: this node endorses it, wraps every KEK of the
+// keyring for it, and every later [Envelope.Stage] does too. The new member's node starts with a copy of the
+// keyring and imports its copies ([Envelope.Reload]); it trusts the members that endorsed it
+// ([Ring.Endorsers]). This node becomes a member too if it was not. Enrolling a member again wraps any KEK it
+// lacks. It returns the member ID.
+func (e *Envelope) Enroll(ctx context.Context, identity *Identity) (string, error) {
+	e.ringMu.Lock()
+	defer e.ringMu.Unlock()
+	id, err := e.enroll(ctx, identity)
+	if err != nil {
+		return "", fmt.Errorf("kleidi: enroll: %w", err)
+	}
+	return id, nil
+}
+
+func (e *Envelope) enroll(ctx context.Context, identity *Identity) (string, error) {
+	if e.closed.Load() {
+		return "", ErrClosed
+	}
+	if e.node == nil {
+		return "", fmt.Errorf("provider %s cannot have other members: it is not a kleidi.Node", e.provider.Name())
+	}
+	if err := identity.Check(); err != nil {
+		return "", err
+	}
+	memberID := identity.ID()
+	ring, err := e.ring.Load(ctx)
+	if err != nil {
+		return "", err
+	}
+	self, err := e.node.Identity(ctx)
+	if err != nil {
+		return "", err
+	}
+	now := time.Now().UTC().Truncate(time.Second)
+	endorse := func(id *Identity) (Member, error) {
+		sig, err := e.sign(ctx, endorsementMessage(e.selfID, id.ID()))
+		if err != nil {
+			return Member{}, err
+		}
+		return Member{ID: id.ID(), Identity: *id, Added: now, Endorser: e.selfID, Endorsement: sig}, nil
+	}
+	var add []Member
+	for _, id := range []*Identity{self, identity} {
+		if !slices.ContainsFunc(ring.Members, func(m Member) bool { return m.ID == id.ID() }) {
+			m, err := endorse(id)
+			if err != nil {
+				return "", err
+			}
+			add = append(add, m)
+		}
+	}
+	// Every KEK, retired ones too (they decrypt stored data), gets a copy for the new member.
+	trusted := trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
+	copies := make(map[string]WrappedKey)
+	for _, r := range ring.Keys {
+		if memberID == e.selfID || slices.ContainsFunc(r.Wrapped, func(w WrappedKey) bool { return w.Recipient == memberID }) {
+			continue
+		}
+		own, shared, err := e.copiesFor(ctx, r, trusted)
+		if err != nil {
+			return "", err
+		}
+		key, err := unwrapKey(ctx, e.provider, r.ID, append(own, shared...))
+		if err != nil {
+			return "", err
+		}
+		w, err := e.wrapFor(ctx, identity, r.ID, key)
+		clear(key)
+		if err != nil {
+			return "", err
+		}
+		copies[r.ID] = w
+	}
+	ring, err = e.ring.Update(ctx, func(ring *Ring) error {
+		for _, m := range add {
+			if !slices.ContainsFunc(ring.Members, func(x Member) bool { return x.ID == m.ID }) {
+				ring.Members = append(ring.Members, m)
+			}
+		}
+		for i, r := range ring.Keys {
+			if w, ok := copies[r.ID]; ok && !slices.ContainsFunc(r.Wrapped, func(x WrappedKey) bool { return x.Recipient == memberID }) {
+				ring.Keys[i].Wrapped = append(ring.Keys[i].Wrapped, w)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	return memberID, e.apply(ctx, ring)
+}
+
+// Unenroll removes member id from the keyring: its copies and its membership, and the endorsements it made pass
+// to this node. Its root could still unwrap the copies it had, so Unenroll then rotates (a new active KEK that
+// it never receives): re-encrypt the stored data afterwards. It returns the new key ID. A node cannot unenroll
+// itself.
+func (e *Envelope) Unenroll(ctx context.Context, id string) (string, error) {
+	e.ringMu.Lock()
+	defer e.ringMu.Unlock()
+	if e.closed.Load() {
+		return "", fmt.Errorf("kleidi: unenroll: %w", ErrClosed)
+	}
+	if id == e.selfID {
+		return "", errors.New("kleidi: unenroll: a node cannot unenroll itself: run unenroll on another member")
+	}
+	ring, err := e.ring.Load(ctx)
+	if err != nil {
+		return "", fmt.Errorf("kleidi: unenroll: %w", err)
+	}
+	if !slices.ContainsFunc(ring.Members, func(m Member) bool { return m.ID == id }) {
+		return "", fmt.Errorf("kleidi: unenroll: %s is not a member", id)
+	}
+	// The members it endorsed are endorsed again by this node, so that other nodes keep trusting them.
+	reendorse := make(map[string][]byte)
+	for _, m := range ring.Members {
+		if m.Endorser == id && m.ID != id {
+			sig, err := e.sign(ctx, endorsementMessage(e.selfID, m.ID))
+			if err != nil {
+				return "", fmt.Errorf("kleidi: unenroll: %w", err)
+			}
+			reendorse[m.ID] = sig
+		}
+	}
+	_, err = e.ring.Update(ctx, func(ring *Ring) error {
+		ring.Members = slices.DeleteFunc(ring.Members, func(m Member) bool { return m.ID == id })
+		for i := range ring.Members {
+			if sig, ok := reendorse[ring.Members[i].ID]; ok {
+				ring.Members[i].Endorser, ring.Members[i].Endorsement = e.selfID, sig
+			}
+		}
+		for i := range ring.Keys {
+			ring.Keys[i].Wrapped = slices.DeleteFunc(ring.Keys[i].Wrapped, func(w WrappedKey) bool { return w.Recipient == id })
+			if len(ring.Keys[i].Wrapped) == 0 {
+				return fmt.Errorf("key %s would keep no copy", ring.Keys[i].ID)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("kleidi: unenroll: %w", err)
+	}
+	newID, err := e.stage(ctx)
+	if err != nil {
+		return "", fmt.Errorf("kleidi: unenroll: rotate: %w", err)
+	}
+	if err := e.activate(ctx, newID); err != nil {
+		return "", fmt.Errorf("kleidi: unenroll: rotate: %w", err)
+	}
+	return newID, nil
+}
+
+// MemberID returns this node's member ID ([Identity.ID] of its provider), or "" when the provider is not a
+// [Node].
+func (e *Envelope) MemberID() string { return e.selfID }
+
+// TrustedMembers returns the IDs of the members of the keyring this node trusts, as last loaded, sorted: what
+// a node keeps in its own state and passes to [WithTrustedMembers] at its next start.
+func (e *Envelope) TrustedMembers() []string {
+	trusted := *e.trusted.Load()
+	ids := make([]string, 0, len(trusted))
+	for id := range trusted {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+// Endorsers returns the IDs of the members that endorsed member id, in turn, nearest first, up to the first
+// member that endorsed itself: the members a new node trusts when it first starts with the keyring handed to it
+// (trust on first use), to keep with [WithTrustedMembers]. It checks no signature.
+func (r Ring) Endorsers(id string) []string {
+	byID := make(map[string]*Member, len(r.Members))
+	for i := range r.Members {
+		byID[r.Members[i].ID] = &r.Members[i]
+	}
+	var chain []string
+	for m := byID[id]; m != nil && m.Endorser != m.ID && !slices.Contains(chain, m.Endorser); m = byID[m.Endorser] {
+		chain = append(chain, m.Endorser)
+	}
+	return chain
+}
