@@ -374,10 +374,15 @@ func pcrList(pcrs uint32) []int {
 // now: the same PCR selection, the same PCR values (the sealed object's policy digest, which the TPM binds to it,
 // must be the one the current values give) and an auth value exactly when one is configured. A key sealed by a
 // provider configured otherwise (no PCRs, other PCRs) is refused, whatever the TPM would accept. The key travels
-// back encrypted by a session salted with the SRK. Errors wrap [kleidi.ErrUnwrap] for a blob this provider
+// back encrypted by a session salted with the SRK. Unwrap also accepts the keys that a [kleidi.Recipient] of this
+// provider's [Provider.Identity] duplicated to this TPM (see [OpenRecipient]), under the same rule: only with the
+// policy this configuration gives now. Errors wrap [kleidi.ErrUnwrap] for a blob this provider
 // refuses (and [ErrPolicy] or [ErrStorageKeyChanged] when that is why), [kleidi.ErrUnavailable] when the TPM
 // cannot be reached.
 func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
+	if isDuplicate(wrapped) {
+		return p.unwrapDuplicate(ctx, wrapped)
+	}
 	b, err := parseBlob(wrapped)
 	if err != nil {
 		return nil, fmt.Errorf("tpm: unwrap: %w: %w", kleidi.ErrUnwrap, err)
