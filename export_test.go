@@ -31,3 +31,11 @@ func CachedKeysForTest(e *Envelope) int {
 	}
 	return n
 }
+
+// SharedCopyMessageForTest is what a sender signs for a copy it wrapped for another member.
+func SharedCopyMessageForTest(id, sender, recipient string, blob []byte) []byte {
+	return sharedCopyMessage(id, sender, recipient, blob)
+}
+
+// EndorsementMessageForTest is what an endorser signs to make member a member.
+func EndorsementMessageForTest(endorser, member string) []byte { return endorsementMessage(endorser, member) }
