@@ -420,3 +420,126 @@ func (r *readerLoop) stop() (reads, failures int, first []string) {
 	defer r.mu.Unlock()
 	return r.reads, r.nerrs, r.errs
 }
+
+// forgerSource is a program for an attacker who holds a node's identity (public) and write access to a keyring
+// but no KEK: it makes a KEK of its own choosing, duplicates it to the node's TPM with the library's own
+// recipient (tpm.OpenRecipient), names it with the key ID that KEK really has, adds it to the keyring as the
+// active key (every other active key retired) and claims that the member sender made the copy. With mode
+// "bogus" the copy carries a signature of random bytes, with "none" no sender and no signature at all.
+//
+// Usage: forge IDENTITY_FILE KEYRING_IN KEYRING_OUT SENDER_ID bogus|none; it prints the forged key ID.
+const forgerSource = `package main
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base32"
+	"encoding/json"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/tpm"
+)
+
+func main() {
+	if err := forge(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "forge:", err)
+		os.Exit(1)
+	}
+}
+
+func forge(args []string) error {
+	if len(args) != 5 {
+		return fmt.Errorf("usage: forge IDENTITY KEYRING_IN KEYRING_OUT SENDER bogus|none")
+	}
+	b, err := os.ReadFile(args[0])
+	if err != nil {
+		return err
+	}
+	id, err := kleidi.ParseIdentity(b)
+	if err != nil {
+		return err
+	}
+	r, err := tpm.OpenRecipient(id)
+	if err != nil {
+		return err
+	}
+	kek := make([]byte, 32)
+	if _, err := rand.Read(kek); err != nil {
+		return err
+	}
+	blob, err := r.Wrap(context.Background(), kek)
+	if err != nil {
+		return err
+	}
+	mac := hmac.New(sha256.New, kek)
+	mac.Write([]byte("kleidi key id v1\x00tpm"))
+	keyID := "kleidi-tpm-" + base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding).EncodeToString(mac.Sum(nil)[:20])
+
+	ring, err := os.ReadFile(args[1])
+	if err != nil {
+		return err
+	}
+	var doc map[string]any
+	if err := json.Unmarshal(ring, &doc); err != nil {
+		return err
+	}
+	keys, _ := doc["keys"].([]any)
+	for _, k := range keys {
+		if m, ok := k.(map[string]any); ok && m["state"] == "active" {
+			m["state"] = "retired"
+		}
+	}
+	dup := map[string]any{"root": "tpm", "blob": blob, "recipient": id.ID()}
+	if args[4] == "bogus" {
+		sig := make([]byte, 71)
+		if _, err := rand.Read(sig); err != nil {
+			return err
+		}
+		dup["sender"], dup["proof"] = args[3], sig
+	}
+	doc["keys"] = append(keys, map[string]any{
+		"id": keyID, "created": time.Now().UTC().Format(time.RFC3339Nano), "state": "active", "wrapped": []any{dup},
+	})
+	out, err := json.MarshalIndent(doc, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(args[2], out, 0o600); err != nil {
+		return err
+	}
+	fmt.Println(keyID)
+	return nil
+}
+`
+
+// buildForger builds forgerSource against this checkout in a module of its own (the e2e module does not
+// depend on the kleidi library) and returns the binary's path.
+func buildForger(t testing.TB, dir string) string {
+	t.Helper()
+	src := filepath.Join(dir, "forge-src")
+	if err := os.MkdirAll(src, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(src, "main.go"), forgerSource, 0o600)
+	writeFile(t, filepath.Join(src, "go.mod"), "module kleidi-e2e-forge\n\ngo 1.26.0\n\nrequire github.com/kleidi-kms/kleidi v0.0.0\n\nreplace github.com/kleidi-kms/kleidi => "+repoRoot+"\n", 0o600)
+	sum, err := os.ReadFile(filepath.Join(repoRoot, "go.sum"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(src, "go.sum"), string(sum), 0o600)
+	bin := filepath.Join(dir, "forge")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := commandContext(ctx, "go", "build", "-mod=mod", "-o", bin, ".")
+	cmd.Dir = src
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build of the forger: %v\n%s", err, out)
+	}
+	return bin
+}

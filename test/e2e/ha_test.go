@@ -6,6 +6,8 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -488,5 +490,40 @@ func (s *haSuite) everyTPMCleared(t *testing.T) {
 // duplicated to node 2's TPM, without a valid sender signature, and makes it active. Node 2's plugin refuses
 // it: it never reports or encrypts under the forged key.
 func (s *haSuite) forgedDuplicate(t *testing.T) {
-	t.Fatal("not written yet: needs tpm.OpenRecipient and the keyring format with members")
+	h := s.h
+	n1, n2 := s.node("node1"), s.node("node2")
+	good := s.sameKeyID(t, "")
+	forge := buildForger(t, h.dir)
+	identity := filepath.Join(h.dir, "node2-identity.json")
+	writeFile(t, identity, string(n2.identity(t)), 0o600)
+	for _, mode := range []string{"bogus", "none"} {
+		forged := filepath.Join(h.dir, "keyring-forged-"+mode+".json")
+		keyID := strings.TrimSpace(mustRun(t, nil, forge, identity, n1.keyringFile(), forged, s.members["node1"], mode))
+		t.Logf("forged KEK %s duplicated to node 2 (sender signature: %s)", keyID, mode)
+		b, err := os.ReadFile(forged)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.writeKeyring(t, n2, b)
+		// Longer than a plugin's keyring reload: node 2 reads the forged keyring and must not use the KEK.
+		deadline := time.Now().Add(8 * time.Second)
+		for time.Now().Before(deadline) {
+			if st, err := n2.plugin.status(); err == nil && st.KeyId == keyID {
+				t.Fatalf("node 2 reports the forged KEK %s as its key_id (signature %s)", keyID, mode)
+			}
+			if id, err := n2.encryptAt(); err == nil && id == keyID {
+				t.Fatalf("node 2 encrypts under the forged KEK %s (signature %s)", keyID, mode)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		name := s.addSecret(t, n2)
+		if o := s.stored(t, name); o.keyID == keyID {
+			t.Fatalf("node 2's apiserver stored %s under the forged KEK", name)
+		}
+		st, err := n2.plugin.status()
+		t.Logf("node 2 with the forged keyring (%s): status %v %v", mode, st, err)
+		h.copyKeyring(t, n1, n2)
+		s.sameKeyID(t, good)
+	}
+	s.checkEverywhere(t)
 }
