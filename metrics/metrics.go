@@ -227,12 +227,36 @@ type rpcKey struct {
 // Provider returns p with every call counted and timed. If p is a [kleidi.Authenticator], so is the result, and
 // its Prove and Verify calls are counted too: a Verify whose outcome is "unauthenticated" is a forged or foreign
 // wrapped key that reached the plugin.
+//
+// If p is a [kleidi.Node] and an Authenticator, so is the result, and its Sign calls are counted too.
 func (m *Metrics) Provider(p kleidi.Provider) kleidi.Provider {
 	mp := &provider{Provider: p, m: m}
-	if auth, ok := p.(kleidi.Authenticator); ok {
+	auth, isAuth := p.(kleidi.Authenticator)
+	node, isNode := p.(kleidi.Node)
+	switch {
+	case isAuth && isNode:
+		return &nodeProvider{authProvider: &authProvider{provider: mp, auth: auth}, node: node}
+	case isAuth:
 		return &authProvider{provider: mp, auth: auth}
 	}
 	return mp
+}
+
+// nodeProvider is an authProvider that is also a [kleidi.Node].
+type nodeProvider struct {
+	*authProvider
+	node kleidi.Node
+}
+
+var _ kleidi.Node = (*nodeProvider)(nil)
+
+func (p *nodeProvider) Identity(ctx context.Context) (*kleidi.Identity, error) { return p.node.Identity(ctx) }
+
+func (p *nodeProvider) Sign(ctx context.Context, message []byte) ([]byte, error) {
+	start := time.Now()
+	b, err := p.node.Sign(ctx, message)
+	p.record("sign", start, err)
+	return b, err
 }
 
 type provider struct {

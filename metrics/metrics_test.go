@@ -164,3 +164,29 @@ func TestObserveAudit(t *testing.T) {
 		t.Errorf("metrics page lacks kleidi_audit_lost_records_total")
 	}
 }
+
+// A provider that shares a keyring with other nodes stays one when instrumented: without it, a node could not
+// import the KEKs its peers wrapped for it.
+func TestProviderKeepsNode(t *testing.T) {
+	m, err := metrics.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := m.Provider(kleiditest.NewInsecureNode())
+	node, ok := p.(kleidi.Node)
+	if !ok {
+		t.Fatalf("m.Provider(a kleidi.Node) is not a kleidi.Node")
+	}
+	id, err := node.Identity(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig, err := node.Sign(ctx, []byte("message"))
+	if err != nil || id.Verify([]byte("message"), sig) != nil {
+		t.Fatalf("Sign through the instrumented provider: %v", err)
+	}
+	if _, ok := m.Provider(kleiditest.NewInsecureProvider()).(kleidi.Node); ok {
+		t.Errorf("m.Provider(a provider that is not a Node) is a Node")
+	}
+	wantLine(t, scrape(t, m), `kleidi_provider_operations_total{operation="sign",outcome="ok",provider="insecure"} 1`)
+}
