@@ -11,58 +11,6 @@ import (
 	"github.com/kleidi-kms/kleidi"
 )
 
-// identity returns p's identity, and fails the test unless it is well formed and survives its identity file.
-func identity(t testing.TB, p *Provider) *kleidi.Identity {
-	t.Helper()
-	id, err := p.Identity(context.Background())
-	if err != nil {
-		t.Fatalf("p.Identity(ctx) err = %v, want nil", err)
-	}
-	file, err := kleidi.MarshalIdentity(id)
-	if err != nil {
-		t.Fatalf("kleidi.MarshalIdentity(id) err = %v, want nil", err)
-	}
-	back, err := kleidi.ParseIdentity(file)
-	if err != nil {
-		t.Fatalf("kleidi.ParseIdentity(identity file) err = %v, want nil", err)
-	}
-	if back.ID() != id.ID() {
-		t.Fatalf("identity file round trip: ID %s, want %s", back.ID(), id.ID())
-	}
-	return id
-}
-
-func sign(t testing.TB, p *Provider, message []byte) []byte {
-	t.Helper()
-	sig, err := p.Sign(context.Background(), message)
-	if err != nil {
-		t.Fatalf("p.Sign(ctx, message) err = %v, want nil", err)
-	}
-	if len(sig) > kleidi.MaxSignatureSize {
-		t.Fatalf("p.Sign(ctx, message) = %d bytes, more than kleidi.MaxSignatureSize", len(sig))
-	}
-	return sig
-}
-
-func wrapFor(t testing.TB, id *kleidi.Identity, key []byte) []byte {
-	t.Helper()
-	r, err := OpenRecipient(id)
-	if err != nil {
-		t.Fatalf("OpenRecipient(id) err = %v, want nil", err)
-	}
-	if r.Identity().ID() != id.ID() {
-		t.Fatalf("OpenRecipient(id).Identity() is %s, want %s", r.Identity().ID(), id.ID())
-	}
-	wrapped, err := r.Wrap(context.Background(), key)
-	if err != nil {
-		t.Fatalf("recipient.Wrap(ctx, key) err = %v, want nil", err)
-	}
-	if !isDuplicate(wrapped) || len(wrapped) > kleidi.MaxWrappedKeySize {
-		t.Fatalf("recipient.Wrap(ctx, key) = %d bytes, want a duplicate of at most %d", len(wrapped), kleidi.MaxWrappedKeySize)
-	}
-	return wrapped
-}
-
 // TestSimulatorNodeRoundTrip: a key wrapped for this TPM's identity, with no TPM, unwraps on it, and only under
 // the configuration the identity was made with; the identity and the signing key are stable, and nothing stays
 // loaded.
