@@ -54,6 +54,25 @@
 // A node trusts the proofs of the keys its configuration lists, and only those: every node lists every
 // public key, so that it accepts the keys any other node rotated in.
 //
+// # Recovery key
+//
+// A recovery key is an OpenPGP key pair whose private half is kept offline (on paper, a smartcard, a vault)
+// and whose public key receives every key-encryption key, so that the data survives the loss of every other
+// root of trust: every TPM cleared, every node key lost. [RecipientIdentity] turns its public key
+// (gpg --export, with or without --armor) into a kleidi.Identity, and [OpenRecipient], a
+// kleidi.RecipientOpener, into a kleidi.Recipient that wraps to that key alone:
+//
+//	id, err := gpg.RecipientIdentity(publicKey) // refuses a private key: its private half stays offline
+//	r, err := gpg.OpenRecipient(id)
+//	wrapped, err := r.Wrap(ctx, kek)
+//
+// What it wraps is what [Provider.Wrap] makes for that key: in recovery, a Provider made with the private
+// key (Config.PrivateKeyFile and its passphrase) unwraps it, and so does gpg --decrypt. The identity holds the
+// key's canonical form (the key, its latest self-signatures and its encryption subkeys; no certification by
+// others), so that the same key gives the same ID however it was exported. It has no verify key: a recovery
+// key receives keys and never sends them. A recovery key that expires later still opens, but Wrap then
+// refuses it with [ErrKeyExpired]: extend it (gpg --quick-set-expire) and make its identity again.
+//
 // # Removing a recipient
 //
 // Re-wrapping every key without a recipient revokes nothing: every ciphertext still carries a copy that the
