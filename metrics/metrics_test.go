@@ -177,11 +177,11 @@ func TestProviderKeepsNode(t *testing.T) {
 	if !ok {
 		t.Fatalf("m.Provider(a kleidi.Node) is not a kleidi.Node")
 	}
-	id, err := node.Identity(ctx)
+	id, err := node.Identity(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	sig, err := node.Sign(ctx, []byte("message"))
+	sig, err := node.Sign(context.Background(), []byte("message"))
 	if err != nil || id.Verify([]byte("message"), sig) != nil {
 		t.Fatalf("Sign through the instrumented provider: %v", err)
 	}
