@@ -76,6 +76,40 @@
 // not counted by the TPM's dictionary-attack lockout, unlike guesses against a sealed key: the auth file should
 // hold a random value (32 random bytes without a zero byte or newline), not a memorable one.
 //
+// # Several nodes
+//
+// A [Provider] is a [kleidi.Node]: one of several roots of trust that share a keyring, one TPM per control-plane
+// node. [Provider.Identity] returns what another node needs to wrap KEKs for this one, with no access to this
+// TPM:
+//
+//   - PublicKey: this TPM's endorsement key (EK), the TCG RSA 2048 EK template under the endorsement hierarchy
+//     (taken from the persistent handle 0x81010001 when it holds that key, else created: the same key), and the
+//     policy a key wrapped for this node must carry, with the configured PCR selection and whether an auth value
+//     is set. Its format (magic "KTPN", version 1) is described in duplicate.go and pinned by a golden test.
+//   - Certificate: the EK certificate from NV index 0x01c00002, when the TPM has one.
+//   - VerifyKey: the public half of an ECDSA P-256 signing key that, like the proof key, is a primary key of the
+//     owner hierarchy whose template holds the configured policy (PCRs and auth value): [Provider.Sign] works only
+//     on this TPM, in the same boot state, with the same auth value.
+//
+// Everything in it derives from the TPM's seeds and the configuration, so the identity is the same at every start
+// and after the keyring is lost; another boot state of the configured PCRs or another auth value gives another
+// identity (enroll the node again after a planned change).
+//
+// [OpenRecipient] opens an identity as a [kleidi.Recipient]: it checks that the EK certificate, when there is one,
+// certifies the EK (it does not check who issued it: compare the identity's ID with the one the node printed),
+// and its Wrap duplicates a sealed data object holding the key to the EK in software (go-tpm's CreateDuplicate,
+// an outer wrapper only), with no TPM. The result has its own format (magic "KTPD") beside the sealed keys
+// ("KTPM"). The receiving node's Unwrap imports it under its EK (a PolicySecret session with the endorsement
+// hierarchy), loads it and unseals it. The duplicate's policy is PolicySecret with this node's signing key, so
+// that it unseals only where a session can use that key: on this TPM, with the PCR values and the auth value the
+// identity was made with. A duplicate made for another TPM, or whose policy is not the one this configuration
+// gives now, is refused with an error wrapping [kleidi.ErrUnwrap] (and [ErrPolicy] for a policy). At most three
+// objects are loaded at a time, and everything is flushed before Unwrap returns, on a socket TPM too.
+//
+// Anyone who knows a node's identity can make a duplicate that its TPM unwraps: the library accepts a copy made
+// elsewhere only with a signature of the member that made it ([kleidi.Identity.Verify]), checked before the copy
+// reaches Unwrap.
+//
 // # PCR binding and auth value
 //
 // With [Config.PCRs] (flag --tpm-pcrs 7), new keys unseal only while those SHA-256 PCRs hold the values they had

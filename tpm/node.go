@@ -43,8 +43,8 @@ const duplicateLabel = "kleidi duplicate v1"
 
 // Identity implements [kleidi.Node]. It returns this TPM's identity under the provider's configuration:
 //   - PublicKey: the endorsement key's public area (the TCG RSA 2048 EK template, the key the EK certificate
-//     certifies) and the policy a duplicate for this node must carry, in the format of [Provider.Identity]'s
-//     package documentation ("Several nodes");
+//     certifies), the configured PCR selection and auth flag, and the policy a key wrapped for this node must
+//     carry (see "Several nodes" in the package documentation);
 //   - Certificate: the endorsement key certificate from NV index 0x01c00002, when the TPM has one;
 //   - VerifyKey: the public key of [Provider.Sign], a key only this TPM can use, and only under the configured
 //     PCR policy and auth value.
