@@ -58,6 +58,15 @@ func RecipientIdentity(armoredPublicKey []byte) (*kleidi.Identity, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Check the canonical form as OpenRecipient will read it: the self-signatures it keeps must be the ones
+	// that make the key valid now.
+	c, err := parseRecipientKey(pub)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkEncryptionKey("", c, time.Now(), pgpConfig); err != nil {
+		return nil, err
+	}
 	id := &kleidi.Identity{Provider: providerName, PublicKey: pub}
 	if err := id.Check(); err != nil {
 		return nil, &keyError{key: keyID(e), reason: err.Error(), err: ErrInvalidKey}
