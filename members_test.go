@@ -405,3 +405,60 @@ func TestEndorsersAndTrustedMembers(t *testing.T) {
 		}
 	}
 }
+
+// Every node's root is lost; the offline recovery key rebuilds a keyring for a new root, and nothing is lost.
+func TestRecover(t *testing.T) {
+	nodes := newCluster(t, 2)
+	recoveryNode := kleiditest.NewInsecureNode() // its private part is "offline"
+	recoveryID, _ := recoveryNode.Identity(ctx)
+	recoveryID.VerifyKey = nil // a recovery key only receives
+	if _, err := nodes[0].env.Enroll(ctx, recoveryID); err != nil {
+		t.Fatal(err)
+	}
+	before := encryptOn(t, nodes[0], "before the rotation")
+	if _, err := nodes[0].env.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	after := encryptOn(t, nodes[0], "after the rotation")
+
+	fresh := newTestNode()
+	copyRing(t, nodes[0], fresh)
+	backup, _ := fresh.ring.Load(ctx)
+	if err := kleidi.Recover(ctx, fresh.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, fresh.p); err != nil {
+		t.Fatalf("Recover() err = %v", err)
+	}
+	if err := fresh.start(t); err != nil {
+		t.Fatalf("the recovered node does not start: %v", err)
+	}
+	for _, c := range []*kleidi.Ciphertext{before, after} {
+		bare, _ := kleidi.ParseCiphertext(c.Bytes())
+		if _, err := fresh.env.Decrypt(ctx, bare, nil); err != nil {
+			t.Errorf("recovered node: Decrypt: %v", err)
+		}
+	}
+	if fresh.env.KeyID() != nodes[0].env.KeyID() {
+		t.Errorf("recovered active key %s, want %s", fresh.env.KeyID(), nodes[0].env.KeyID())
+	}
+	// The recovered keyring still has the recovery key as a member: a second recovery works too.
+	again := newTestNode()
+	copyRing(t, fresh, again)
+	if err := kleidi.Recover(ctx, again.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, again.p); err != nil {
+		t.Errorf("second Recover() err = %v", err)
+	}
+
+	// A copy for the recovery key that no member signed is refused: recovery never adopts a KEK it cannot trace.
+	forged := newTestNode()
+	updateRing(t, forged.ring, func(r *kleidi.Ring) { *r = backup })
+	updateRing(t, forged.ring, func(r *kleidi.Ring) {
+		for i := range r.Keys {
+			for j := range r.Keys[i].Wrapped {
+				if r.Keys[i].Wrapped[j].Recipient == recoveryID.ID() {
+					r.Keys[i].Wrapped[j].Proof = []byte{1, 2, 3}
+				}
+			}
+		}
+	})
+	if err := kleidi.Recover(ctx, forged.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, forged.p); !errors.Is(err, kleidi.ErrUnauthenticated) {
+		t.Errorf("Recover(unsigned recovery copies) err = %v, want kleidi.ErrUnauthenticated", err)
+	}
+}

@@ -429,3 +429,70 @@ func (r Ring) Endorsers(id string) []string {
 	}
 	return chain
 }
+
+// Recover rebuilds ring for the root of trust to, a node's new or cleared TPM, from the copies the keyring holds
+// for the recovery member whose identity is recoveryID and whose private part recovery holds (an OpenPGP
+// provider opened with the offline recovery key). Each copy for the recovery member must be signed by a member
+// that the keyring's endorsements connect to a first, self-endorsed member: Recover trusts the keyring file it is
+// given, so give it a copy you trust (a backup). Every KEK is unwrapped through recovery, checked against its key
+// ID, and wrapped again for to and for the recovery member; the members become to and the recovery member, key
+// states stay as they were. Enroll the other nodes again afterwards. open is the recovery member's
+// [RecipientOpener].
+func Recover(ctx context.Context, ring Keyring, recovery Provider, recoveryID *Identity, open RecipientOpener, to Provider) error {
+	node, ok := to.(Node)
+	if !ok {
+		return fmt.Errorf("kleidi: recover: provider %s is not a kleidi.Node", to.Name())
+	}
+	self, err := node.Identity(ctx)
+	if err != nil {
+		return fmt.Errorf("kleidi: recover: %w", err)
+	}
+	e := &Envelope{provider: to, node: node, selfID: self.ID(), openers: map[string]RecipientOpener{recoveryID.Provider: open}}
+	loaded, err := ring.Load(ctx)
+	if err != nil {
+		return fmt.Errorf("kleidi: recover: %w", err)
+	}
+	var firsts []string
+	for _, m := range loaded.Members {
+		if m.Endorser == m.ID && m.Identity.Verify(endorsementMessage(m.ID, m.ID), m.Endorsement) == nil {
+			firsts = append(firsts, m.ID)
+		}
+	}
+	trusted := trustedMembers(loaded, firsts...)
+	recID := recoveryID.ID()
+	keys := make([]KeyRecord, 0, len(loaded.Keys))
+	for _, r := range loaded.Keys {
+		_, shared, err := copiesFor(ctx, r, recovery.Name(), nil, recID, trusted)
+		if err != nil {
+			return fmt.Errorf("kleidi: recover: %w", err)
+		}
+		key, err := unwrapKey(ctx, recovery, r.ID, shared)
+		if err != nil {
+			return fmt.Errorf("kleidi: recover: %w", err)
+		}
+		own, err := wrapCopy(ctx, to, e.selfID, r.ID, key)
+		if err != nil {
+			clear(key)
+			return fmt.Errorf("kleidi: recover: key %s: %w", r.ID, err)
+		}
+		rc, err := e.wrapFor(ctx, recoveryID, r.ID, key)
+		clear(key)
+		if err != nil {
+			return fmt.Errorf("kleidi: recover: key %s: %w", r.ID, err)
+		}
+		keys = append(keys, KeyRecord{ID: r.ID, Created: r.Created, State: r.State, Wrapped: []WrappedKey{own, rc}})
+	}
+	now := time.Now().UTC().Truncate(time.Second)
+	var members []Member
+	for _, id := range []*Identity{self, recoveryID} {
+		sig, err := e.sign(ctx, endorsementMessage(e.selfID, id.ID()))
+		if err != nil {
+			return fmt.Errorf("kleidi: recover: %w", err)
+		}
+		members = append(members, Member{ID: id.ID(), Identity: *id, Added: now, Endorser: e.selfID, Endorsement: sig})
+	}
+	if _, err := ring.Update(ctx, func(r *Ring) error { *r = Ring{Keys: keys, Members: members}; return nil }); err != nil {
+		return fmt.Errorf("kleidi: recover: %w", err)
+	}
+	return nil
+}
