@@ -317,9 +317,9 @@ func TestRecipientIdentityFile(t *testing.T) {
 // TestRecipientExpiresLater checks that a key that expires after its identity was made still opens, but
 // Wrap refuses it.
 func TestRecipientExpiresLater(t *testing.T) {
-	k := newTestKey(t, keyOptions{created: time.Now().Add(-time.Hour + 3*time.Second), lifetime: time.Hour})
+	k := newTestKey(t, keyOptions{created: time.Now().Add(-time.Hour + 5*time.Second), lifetime: time.Hour})
 	id := recoveryIdentity(t, k.pub)
-	time.Sleep(4 * time.Second)
+	time.Sleep(6 * time.Second)
 	r := openRecipient(t, id)
 	if wrapped, err := r.Wrap(ctx, randomKey(t)); !errors.Is(err, gpg.ErrKeyExpired) || wrapped != nil {
 		t.Fatalf("r.Wrap(ctx, key) for an expired key err = %v, want gpg.ErrKeyExpired", err)
