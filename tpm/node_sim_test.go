@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/kleidi-kms/kleidi"
@@ -76,6 +77,9 @@ func TestSimulatorDuplicateRefusedUnderOtherConfig(t *testing.T) {
 		got, err := q.Unwrap(ctx, wrapped)
 		if !errors.Is(err, kleidi.ErrUnwrap) || !errors.Is(err, ErrPolicy) || got != nil {
 			t.Errorf("%s: Unwrap(ctx, duplicate for PCR 16 + auth) = %d bytes, %v; want nil, an error wrapping kleidi.ErrUnwrap and ErrPolicy", name, len(got), err)
+		}
+		if err != nil && (strings.Contains(err.Error(), "s3cre") || bytes.Contains([]byte(err.Error()), key)) {
+			t.Errorf("%s: Unwrap's error holds the auth value or the key", name)
 		}
 		qid := identity(t, q)
 		if qid.ID() == id.ID() || bytes.Equal(qid.VerifyKey, id.VerifyKey) {
