@@ -164,7 +164,8 @@ func WithTrustedMembers(ids ...string) Option {
 // KeyEvent describes a key operation of an [Envelope], for audit logs. It holds no key material.
 type KeyEvent struct {
 	// Op is "unwrap" (a KEK unwrapped through the provider), "rotate" (a new active KEK created by this
-	// process) or "reload" (the keyring read again).
+	// process), "activate" (a staged KEK made active), "import" (a KEK another member wrapped for this one,
+	// wrapped again by this root) or "reload" (the keyring read again).
 	Op string
 	// KeyID is the KEK unwrapped or created, or the active KEK after a reload.
 	KeyID string

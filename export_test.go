@@ -38,4 +38,6 @@ func SharedCopyMessageForTest(id, sender, recipient string, blob []byte) []byte 
 }
 
 // EndorsementMessageForTest is what an endorser signs to make member a member.
-func EndorsementMessageForTest(endorser, member string) []byte { return endorsementMessage(endorser, member) }
+func EndorsementMessageForTest(endorser, member string) []byte {
+	return endorsementMessage(endorser, member)
+}

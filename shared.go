@@ -206,8 +206,7 @@ func (e *Envelope) importShared(ctx context.Context, ring Ring, trusted map[stri
 		}
 		w, err := e.importKey(ctx, r.ID, shared)
 		if err != nil {
-			e.keyEvent("import", r.ID, false, err, time.Now())
-			continue
+			continue // importKey reported it
 		}
 		imported[r.ID] = w
 	}

@@ -58,9 +58,13 @@ const (
 	EventUnwrap  = "key.unwrap"
 	EventRotate  = "key.rotate"
 	EventRewrap  = "key.rewrap"
-	EventReload  = "keyring.reload"
-	EventStart   = "plugin.start"
-	EventStop    = "plugin.stop"
+	// EventActivate records a staged KEK made active on this node; EventImport, a KEK another member wrapped
+	// for this node, unwrapped and wrapped again by its own root.
+	EventActivate = "key.activate"
+	EventImport   = "key.import"
+	EventReload   = "keyring.reload"
+	EventStart    = "plugin.start"
+	EventStop     = "plugin.stop"
 	// EventOpen begins each log file, and marks each later opening of a file that already holds records.
 	EventOpen = "audit.open"
 	// EventCheckpoint closes a log file: it counts the lines before it, and its prev is the hash of the last.
@@ -529,7 +533,8 @@ func (l *Logger) Err() error {
 // KeyEvents returns a function for [kleidi.WithKeyEvents] that records the Envelope's key operations of
 // provider. A reload that changed nothing and did not fail is not recorded: a server reloads every few seconds.
 func (l *Logger) KeyEvents(provider string) func(kleidi.KeyEvent) {
-	events := map[string]string{"unwrap": EventUnwrap, "rotate": EventRotate, "reload": EventReload, "rewrap": EventRewrap}
+	events := map[string]string{"unwrap": EventUnwrap, "rotate": EventRotate, "reload": EventReload,
+		"activate": EventActivate, "import": EventImport}
 	return func(ev kleidi.KeyEvent) {
 		if ev.Op == "reload" && !ev.Changed && ev.Err == nil {
 			return

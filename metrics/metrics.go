@@ -250,7 +250,9 @@ type nodeProvider struct {
 
 var _ kleidi.Node = (*nodeProvider)(nil)
 
-func (p *nodeProvider) Identity(ctx context.Context) (*kleidi.Identity, error) { return p.node.Identity(ctx) }
+func (p *nodeProvider) Identity(ctx context.Context) (*kleidi.Identity, error) {
+	return p.node.Identity(ctx)
+}
 
 func (p *nodeProvider) Sign(ctx context.Context, message []byte) ([]byte, error) {
 	start := time.Now()

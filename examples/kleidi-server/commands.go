@@ -76,7 +76,15 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		o.log.Info("initialised the state directory with a first KEK", "state_dir", o.stateDir, "key_id", env.KeyID())
 	}
 	cfg := server.Config{Logger: o.log, SocketMode: mode.fileMode(), AllowedUIDs: allowed, Audit: o.audit,
-		Interceptors: []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()}, OnReload: m.KeyringReloaded}
+		Interceptors: []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()},
+		OnReload: func(err error, changed bool) {
+			m.KeyringReloaded(err, changed)
+			if err == nil {
+				if err := o.savePinnedMembers(env, o.pinned); err != nil {
+					o.log.Warn("could not record the trusted members", "error", err)
+				}
+			}
+		}}
 	srv, err := server.New(env, p, cfg)
 	if err != nil {
 		return err
@@ -178,10 +186,19 @@ func runInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 // keyringCommand parses the shared flags of a command that changes an initialised keyring, opens the root of trust
 // and the Envelope, and runs change on them.
-func keyringCommand(ctx context.Context, name string, args []string, stderr io.Writer, change func(kleidi.Provider, *kleidi.Envelope) error) error {
+func keyringCommand(ctx context.Context, name string, args []string, stderr io.Writer, change func([]string, kleidi.Provider, *kleidi.Envelope) error) error {
+	return keyringCommandFlags(ctx, name, args, stderr, nil, change)
+}
+
+// keyringCommandFlags is keyringCommand with flags of the command's own, which extra registers.
+func keyringCommandFlags(ctx context.Context, name string, args []string, stderr io.Writer, extra func(*flag.FlagSet),
+	change func([]string, kleidi.Provider, *kleidi.Envelope) error) error {
 	var o options
 	fs := newFlagSet(name, stderr)
 	o.register(fs)
+	if extra != nil {
+		extra(fs)
+	}
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -193,12 +210,25 @@ func keyringCommand(ctx context.Context, name string, args []string, stderr io.W
 		return err
 	}
 	defer p.Close()
-	return change(p, env)
+	return change(fs.Args(), p, env)
 }
 
 func runRotate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return keyringCommand(ctx, "rotate", args, stderr, func(_ kleidi.Provider, env *kleidi.Envelope) error {
+	var stage bool
+	flags := func(fs *flag.FlagSet) {
+		fs.BoolVar(&stage, "stage", false, "only stage the new KEK: wrap it for every member without making it active; "+
+			"activate it on every node once each holds it (kleidi-server activate KEY_ID)")
+	}
+	return keyringCommandFlags(ctx, "rotate", args, stderr, flags, func(_ []string, _ kleidi.Provider, env *kleidi.Envelope) error {
 		old := env.KeyID()
+		if stage {
+			id, err := env.Stage(ctx)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "staged_key_id: %s\nkey_id: %s\n", id, old)
+			return nil
+		}
 		id, err := env.Rotate(ctx)
 		if err != nil {
 			return err

@@ -81,6 +81,58 @@ unwraps the keyring. Existing ciphertexts stay readable; a running plugin needs 
 		run: runRewrap,
 	},
 	{
+		name:    "identity",
+		summary: "print this node's identity, to enroll it from another node",
+		usage: `Print the identity of this node's root of trust (a TPM: its endorsement key, the policy KEKs are sealed
+under, its signing key) as a file to hand to a node that holds the keyring, which enrolls it. The member ID is
+printed on standard error: compare it on both nodes.`,
+		example: `kleidi-server identity --provider tpm --tpm /dev/tpmrm0 --tpm-pcrs 7 > node-b.identity`,
+		run:     runIdentity,
+	},
+	{
+		name:    "enroll",
+		summary: "make another node a member: every KEK is wrapped for it",
+		usage: `Endorse the node of an identity file (from kleidi-server identity) as a member of the keyring, and wrap
+every KEK for it, and every later one. Then copy the keyring to the new node's state directory and start it: it
+imports its copies and trusts the members that endorsed it.`,
+		example: `kleidi-server enroll --state-dir /var/lib/kleidi --provider tpm node-b.identity`,
+		run:     runEnroll,
+	},
+	{
+		name:    "unenroll",
+		summary: "remove a member, and rotate",
+		usage: `Remove a member and its copies from the keyring, then rotate: the new active KEK is not wrapped for it.
+Its root can still unwrap the KEKs it had, so re-encrypt every Secret afterwards:
+kubectl get secrets -A -o json | kubectl replace -f -`,
+		example: `kleidi-server unenroll --state-dir /var/lib/kleidi --provider tpm tpm-abcdefghijklmnopqrstuvwxyz`,
+		run:     runUnenroll,
+	},
+	{
+		name:    "recipients",
+		summary: "list the members and whom each KEK is wrapped for",
+		usage:   `Print the members of the keyring, who endorsed each, and for every KEK its state and its copies.`,
+		example: `kleidi-server recipients --state-dir /var/lib/kleidi`,
+		run:     runRecipients,
+	},
+	{
+		name:    "activate",
+		summary: "make a staged KEK active on this node",
+		usage: `Make a KEK staged with rotate --stage the active key of this node's keyring. Refuses a key this node cannot
+unwrap. Run it on every node once every node holds the staged key.`,
+		example: `kleidi-server activate --state-dir /var/lib/kleidi --provider tpm kleidi-tpm-...`,
+		run:     runActivate,
+	},
+	{
+		name:    "recover",
+		summary: "rebuild the keyring for a new or cleared TPM with the recovery key",
+		usage: `Unwrap every KEK with the offline recovery key and wrap it again for this node's TPM and for the recovery
+key. The members become this node and the recovery key: enroll the other nodes again. Give it a keyring you trust
+(a backup): recovery believes the endorsements it finds there.`,
+		example: `kleidi-server recover --state-dir /var/lib/kleidi --provider tpm --recovery-key recovery.pub.asc \
+      --recovery-private-key recovery.asc --recovery-passphrase-file recovery.pass`,
+		run: runRecover,
+	},
+	{
 		name:    "status",
 		summary: "query a running plugin's Status",
 		usage: `Call Status on the plugin's socket, as kube-apiserver does, and print version, healthz and key_id.

@@ -51,12 +51,16 @@ type options struct {
 	awsEndpoint   string
 	awsContext    stringList
 	awsTimeout    time.Duration
+	recoveryKey   string
 	log           *slog.Logger
 	devKeyAllowed bool
 	createKeyring bool
 	// firstStart lets serve create the keyring with any provider in a state directory never initialised before
 	// (a deployment's first start); a state directory that shows an earlier keyring is still refused.
 	firstStart bool
+
+	// pinned are the members this node trusted when open ran (see trustedMembersFile).
+	pinned []string
 
 	// Set by serve before open: the provider is instrumented and the Envelope's key operations audited.
 	metrics *metrics.Metrics
@@ -82,6 +86,7 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.awsEndpoint, "awskms-endpoint", "", "AWS KMS endpoint `URL` (a VPC or FIPS endpoint, or a compatible server); default: the region's")
 	fs.Var(&o.awsContext, "awskms-context", "`key=value` bound to every wrapped KEK as encryption context (repeatable; in the environment, comma-separated)")
 	fs.DurationVar(&o.awsTimeout, "awskms-timeout", awskms.DefaultTimeout, "`duration` each call to AWS KMS may take, retries included")
+	fs.StringVar(&o.recoveryKey, "recovery-key", "", "OpenPGP public key `file` of an offline recovery key: every KEK is also wrapped for it (tpm root)")
 	fs.StringVar(&o.logFormat, "log-format", "auto", "log `format`: text, json, or auto (text on a terminal, else json)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 }
@@ -164,10 +169,31 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 	if o.audit != nil {
 		opts = append(opts, kleidi.WithKeyEvents(o.audit.KeyEvents(p.Name())))
 	}
+	pinned, err := o.pinnedMembers(ctx, root)
+	if err != nil {
+		p.Close()
+		return nil, nil, false, err
+	}
+	opts = append(append(opts, recipientOpeners()...), kleidi.WithTrustedMembers(pinned...))
 	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(o.keyringPath()), opts...)
 	if err != nil {
 		p.Close()
 		return nil, nil, false, err
+	}
+	if err := o.enrollRecoveryKey(ctx, env); err != nil {
+		p.Close()
+		return nil, nil, false, err
+	}
+	if err := o.savePinnedMembers(env, pinned); err != nil {
+		p.Close()
+		return nil, nil, false, err
+	}
+	o.pinned = pinned
+	if name, err := o.pinnedSRK(); err == nil && name == "" && exists {
+		if err := o.pinSRK(root); err != nil { // a node that joined with a keyring copied from another
+			p.Close()
+			return nil, nil, false, err
+		}
 	}
 	if !exists {
 		if err := o.markInitialised(env.KeyID()); err != nil {
