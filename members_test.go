@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -24,7 +25,7 @@ func newTestNode() *testNode {
 	return &testNode{p: kleiditest.NewInsecureNode(), ring: kleidi.NewMemoryKeyring()}
 }
 
-func (n *testNode) id(t *testing.T) *kleidi.Identity {
+func (n *testNode) id(t testing.TB) *kleidi.Identity {
 	t.Helper()
 	id, err := n.p.Identity(context.Background())
 	if err != nil {
@@ -34,7 +35,7 @@ func (n *testNode) id(t *testing.T) *kleidi.Identity {
 }
 
 // start opens the node's Envelope on its keyring, trusting the members that endorsed it, as a new node does.
-func (n *testNode) start(t *testing.T, opts ...kleidi.Option) error {
+func (n *testNode) start(t testing.TB, opts ...kleidi.Option) error {
 	t.Helper()
 	ring, err := n.ring.Load(ctx)
 	if err != nil {
@@ -52,7 +53,7 @@ func (n *testNode) start(t *testing.T, opts ...kleidi.Option) error {
 }
 
 // copyRing makes to's keyring a copy of from's.
-func copyRing(t *testing.T, from, to *testNode) {
+func copyRing(t testing.TB, from, to *testNode) {
 	t.Helper()
 	ring, err := from.ring.Load(ctx)
 	if err != nil {
@@ -71,7 +72,7 @@ func updateRing(t *testing.T, ring kleidi.Keyring, change func(*kleidi.Ring)) {
 }
 
 // newCluster starts node 0 on a new keyring and enrolls the others from it; every node starts with a copy.
-func newCluster(t *testing.T, n int) []*testNode {
+func newCluster(t testing.TB, n int) []*testNode {
 	t.Helper()
 	nodes := make([]*testNode, n)
 	for i := range nodes {
@@ -460,5 +461,30 @@ func TestRecover(t *testing.T) {
 	})
 	if err := kleidi.Recover(ctx, forged.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, forged.p); !errors.Is(err, kleidi.ErrUnauthenticated) {
 		t.Errorf("Recover(unsigned recovery copies) err = %v, want kleidi.ErrUnauthenticated", err)
+	}
+}
+
+// BenchmarkEncryptMembers encrypts under a keyring shared by 1, 3 and 5 members. The attached key carries only
+// the encrypting node's own copy, so what each stored object pays does not grow with the members: stored-bytes
+// reports the ciphertext and its attached key, all-copies-bytes what attaching every member's copy would add.
+func BenchmarkEncryptMembers(b *testing.B) {
+	for _, n := range []int{1, 3, 5} {
+		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
+			nodes := newCluster(b, n)
+			ring, _ := nodes[0].ring.Load(ctx)
+			copies := 0
+			for _, w := range ring.Keys[len(ring.Keys)-1].Wrapped {
+				copies += len(w.Blob) + len(w.Proof) + len(w.Recipient) + len(w.Sender)
+			}
+			plaintext := bytes.Repeat([]byte("s"), 1024)
+			b.ReportAllocs()
+			b.ResetTimer()
+			var c *kleidi.Ciphertext
+			for b.Loop() {
+				c, _ = nodes[0].env.Encrypt(ctx, plaintext, nil)
+			}
+			b.ReportMetric(float64(len(c.Bytes())+len(c.WrappedKey)), "stored-bytes")
+			b.ReportMetric(float64(len(c.Bytes())+copies), "all-copies-bytes")
+		})
 	}
 }
