@@ -184,11 +184,11 @@ func signingKeyOf(cp *tpm2.CreatePrimaryResponse) (*signingKey, error) {
 		return nil, errors.New("the signing key is not a P-256 point")
 	}
 	uncompressed := append(append([]byte{4}, point.X.Buffer...), point.Y.Buffer...)
-	x, y := elliptic.Unmarshal(elliptic.P256(), uncompressed) //nolint:staticcheck // checks the point is on the curve
-	if x == nil {
-		return nil, errors.New("the signing key is not a P-256 point")
+	pk, err := ecdsa.ParseUncompressedPublicKey(elliptic.P256(), uncompressed)
+	if err != nil {
+		return nil, fmt.Errorf("the signing key is not a P-256 point: %v", err)
 	}
-	return &signingKey{handle: cp.ObjectHandle, name: *name, pub: &ecdsa.PublicKey{Curve: elliptic.P256(), X: x, Y: y}}, nil
+	return &signingKey{handle: cp.ObjectHandle, name: *name, pub: pk}, nil
 }
 
 // signTemplate is the public area of the signing primary key: an ECDSA P-256 (SHA-256) key of this TPM, usable
