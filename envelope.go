@@ -723,7 +723,11 @@ func Rewrap(ctx context.Context, ring Keyring, from, to Provider) error {
 			if !ok {
 				continue // added by another process meanwhile: already wrapped by its root
 			}
-			copies := slices.DeleteFunc(slices.Clone(r.Wrapped), func(c WrappedKey) bool { return c.Root == w.Root && c.Recipient == w.Recipient })
+			copies := slices.DeleteFunc(slices.Clone(r.Wrapped), func(c WrappedKey) bool {
+				// to's copy replaces its earlier one, and the copy of from when both are this node's root (a policy
+				// change), never another member's.
+				return c.Root == w.Root && (c.Recipient == w.Recipient || c.Recipient == "" || c.Recipient == fromSelf && c.Sender == "")
+			})
 			ring.Keys[i].Wrapped = append([]WrappedKey{w}, copies...)
 		}
 		return nil

@@ -244,6 +244,9 @@ func runRewrap(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	o.register(fs)
 	fromPCRs := fs.String("from-tpm-pcrs", "", "the `PCRs` the KEKs are sealed to now, when they differ from --tpm-pcrs (\"\" for none)")
 	fromAuth := fs.String("from-tpm-auth-file", "", "`file` of the auth value the KEKs are sealed with now, when it differs from --tpm-auth-file")
+	fromGPG := fs.String("from-gpg-private-key", "", "OpenPGP private key `file` that unwraps the KEKs now, to move them to another root "+
+		"(--provider tpm): its copies stay beside the new ones")
+	fromGPGPass := fs.String("from-gpg-passphrase-file", "", "`file` holding the passphrase of --from-gpg-private-key")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -263,7 +266,12 @@ func runRewrap(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	from := to
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	if set["from-tpm-pcrs"] || set["from-tpm-auth-file"] {
+	if *fromGPG != "" {
+		if from, err = gpg.New(gpg.Config{PrivateKeyFile: *fromGPG, PassphraseFile: *fromGPGPass}); err != nil {
+			return fmt.Errorf("--from-gpg-private-key: %w", err)
+		}
+		defer from.Close()
+	} else if set["from-tpm-pcrs"] || set["from-tpm-auth-file"] {
 		old := o
 		if set["from-tpm-pcrs"] {
 			old.tpmPCRs = *fromPCRs
