@@ -131,7 +131,8 @@ func (h *haCluster) addNode(t testing.TB, name string) *haNode {
 	}
 	h.manufacture(t, filepath.Join(swDir, "tpmstate"))
 	n.tpm = startSwtpm(t, h.procs, swDir, h.uid)
-	n.plugin = newPlugin(t, h.procs, filepath.Join(n.dir, "kleidi"), "tpm", []string{"--tpm=" + n.tpm.addr(), "--tpm-pcrs=7"})
+	n.plugin = newPlugin(t, h.procs, filepath.Join(n.dir, "kleidi"), "tpm",
+		[]string{"--tpm=" + n.tpm.addr(), "--tpm-pcrs=7", "--recovery-key=" + h.recoveryPub})
 	h.nodes = append(h.nodes, n)
 	return n
 }
@@ -145,8 +146,8 @@ func (h *haCluster) clearTPM(t testing.TB, n *haNode) {
 	n.tpm.start(t)
 }
 
-// serve starts the node's kleidi-server serve with the recovery key and extra flags (such as --init) and, if
-// wait, waits until its Status is healthy.
+// serve starts the node's kleidi-server serve with extra flags (such as --init) and, if wait, waits until its
+// Status is healthy.
 func (h *haCluster) serve(t testing.TB, n *haNode, wait bool, extra ...string) {
 	t.Helper()
 	p := n.plugin
@@ -156,7 +157,6 @@ func (h *haCluster) serve(t testing.TB, n *haNode, wait bool, extra ...string) {
 		"--socket-mode=0600",
 		"--audit-log=" + filepath.Join(p.dir, "audit.log"),
 		"--log-format=text",
-		"--recovery-key=" + h.recoveryPub,
 	}, p.commonFlags()...)
 	args = append(args, extra...)
 	p.proc = p.procs.start(t, "kleidi-server "+n.name, filepath.Join(p.dir, "kleidi-server.log"), p.env, as(p.uid, args...)...)
@@ -210,11 +210,48 @@ func (n *haNode) enroll(t testing.TB, identity []byte, newcomer string) string {
 	path := filepath.Join(n.plugin.dir, "identity-"+newcomer+"-"+randHex(t, 4)+".json")
 	writeFile(t, path, string(identity), 0o600)
 	n.plugin.chown(t, path)
-	id := strings.TrimSpace(n.cliOut(t, "enroll", nil, path))
-	if id == "" || strings.ContainsAny(id, " \n") {
-		t.Fatalf("%s: enroll %s printed %q, want one member ID", n.name, newcomer, id)
+	return outField(t, n.cliOut(t, "enroll", nil, path), "member")
+}
+
+// outField returns the value of the line "name: value" of a command's output.
+func outField(t testing.TB, out, name string) string {
+	t.Helper()
+	for _, line := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(line, name+": "); ok && strings.TrimSpace(v) != "" {
+			return strings.TrimSpace(v)
+		}
 	}
-	return id
+	t.Fatalf("no %q in the output:\n%s", name, out)
+	return ""
+}
+
+// wrappedFor returns, from the output of `kleidi-server recipients`, whom KEK keyID is wrapped for: member IDs,
+// each followed by " (from SENDER)" for a copy another member made and not yet imported.
+func wrappedFor(out, keyID string) []string {
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[0] == keyID {
+			rest := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), keyID))
+			rest = strings.TrimSpace(strings.TrimPrefix(rest, f[1]))
+			return strings.Split(rest, ", ")
+		}
+	}
+	return nil
+}
+
+// emptyState stops nothing: it removes everything in the node's state directory, as an operator does before
+// joining a replaced node again.
+func (n *haNode) emptyState(t testing.TB) {
+	t.Helper()
+	entries, err := os.ReadDir(n.plugin.stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(n.plugin.stateDir, e.Name())); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 func (n *haNode) keyringFile() string { return filepath.Join(n.plugin.stateDir, "keyring.json") }
