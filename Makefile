@@ -30,4 +30,4 @@ bench:
 
 # A short run of each fuzz target of the root package.
 fuzz:
-	for f in FuzzParseCiphertext FuzzParseKeyring FuzzDecrypt; do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 30s . || exit 1; done
+	for f in FuzzParseCiphertext FuzzParseKeyring FuzzParseIdentity FuzzDecrypt; do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 30s . || exit 1; done

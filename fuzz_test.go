@@ -136,7 +136,7 @@ func FuzzParseCiphertext(f *testing.F) {
 }
 
 func FuzzParseKeyring(f *testing.F) {
-	for _, file := range []string{goldenKeyringV1, goldenKeyring} {
+	for _, file := range []string{goldenKeyringV1, goldenKeyring, goldenKeyringV3} {
 		b, err := os.ReadFile(file)
 		if err != nil {
 			f.Fatal(err)
