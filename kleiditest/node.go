@@ -12,6 +12,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"errors"
 	"fmt"
 
 	"github.com/kleidi-kms/kleidi"
@@ -121,6 +122,9 @@ type recipient struct {
 
 // OpenInsecureRecipient is the [kleidi.RecipientOpener] of [Node] identities: its Wrap needs only the public key.
 func OpenInsecureRecipient(id *kleidi.Identity) (kleidi.Recipient, error) {
+	if id == nil || id.Provider != "insecure" {
+		return nil, errors.New("kleiditest: not an identity of an insecure node")
+	}
 	to, err := ecdh.X25519().NewPublicKey(id.PublicKey)
 	if err != nil {
 		return nil, fmt.Errorf("kleiditest: identity: %w", err)

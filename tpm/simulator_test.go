@@ -337,3 +337,10 @@ func TestParsePCRs(t *testing.T) {
 func BenchmarkSimulator(b *testing.B) {
 	benchmarkProvider(b, openSimulator, false)
 }
+
+func TestNodeConformanceSimulator(t *testing.T) {
+	authFile := writeAuthFile(t, "correct horse\n")
+	kleiditest.TestNode(t, func(t *testing.T) kleidi.Provider {
+		return newSimProvider(t, Config{PCRs: []int{7}, AuthFile: authFile})
+	}, OpenRecipient)
+}

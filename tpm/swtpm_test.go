@@ -468,3 +468,12 @@ func TestSwtpmSRKPinned(t *testing.T) {
 	q := newSwtpmProvider(t, s, Config{SRKName: fresh.SRKName()})
 	wrapUnwrap(t, q)
 }
+
+func TestNodeConformanceSwtpm(t *testing.T) {
+	s := startSwtpm(t, false, swtpmFlags)
+	kleiditest.TestNode(t, func(t *testing.T) kleidi.Provider {
+		return newSwtpmProvider(t, s, Config{PCRs: []int{7}})
+	}, OpenRecipient)
+	p := newSwtpmProvider(t, s, Config{})
+	assertNoHandles(t, p)
+}
