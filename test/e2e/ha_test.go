@@ -63,6 +63,19 @@ func TestHA(t *testing.T) {
 			t.Fatalf("scenario %s failed; the later ones depend on its state and are not run", sc.name)
 		}
 	}
+	// No log a plugin wrote, through every scenario, holds the recovery key's passphrase.
+	pass := readSecret(t, s.h.recoveryPass)
+	for _, n := range s.h.nodes {
+		logs, err := filepath.Glob(filepath.Join(n.plugin.dir, "*.log"))
+		if err != nil || len(logs) < 2 {
+			t.Fatalf("%s: plugin logs %v %v, want the output and the audit log", n.name, logs, err)
+		}
+		for _, path := range logs {
+			if b, err := os.ReadFile(path); err != nil || bytes.Contains(b, pass) {
+				t.Errorf("%s holds the recovery passphrase (or cannot be read: %v)", path, err)
+			}
+		}
+	}
 }
 
 func (s *haSuite) node(name string) *haNode {
