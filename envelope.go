@@ -47,9 +47,12 @@ type Envelope struct {
 	// Members of a keyring shared by several roots (see [Member]); node is nil unless the provider is a [Node].
 	node    Node
 	selfID  string                     // the node's member ID, or ""
-	anchors []string                   // the members trusted beside itself ([WithTrustedMembers])
 	openers map[string]RecipientOpener // by provider name ([WithRecipientOpener])
-	trusted atomic.Pointer[map[string]*Member]
+	trust   atomic.Pointer[trust]      // what this node trusts of the keyring as last applied
+
+	// stateMu guards state: what this node remembers of its keyring (see [NodeState]).
+	stateMu sync.Mutex
+	state   nodeState
 
 	active   atomic.Pointer[activeKey]
 	keys     atomic.Pointer[map[string]*kek]      // unwrapped KEKs, copy on write
@@ -151,12 +154,13 @@ func WithRecipientOpener(provider string, open RecipientOpener) Option {
 	}
 }
 
-// WithTrustedMembers makes the Envelope trust the members with these IDs, beside itself, and every member they
-// endorse (see [Member]): what a node learnt to trust before, kept in its own state. A new node pins the members
-// that endorsed it ([Ring.Endorsers]) when it first starts with the keyring handed to it.
-func WithTrustedMembers(ids ...string) Option {
+// WithNodeState starts the Envelope with what its node remembered of the keyring at its last run ([NodeState],
+// from [Envelope.NodeState]): the members it trusts, the members and keys it saw removed and retired, the
+// keyring version it read. A program whose keyring others can write keeps it in its own state and passes it at
+// every start; without it, the Envelope learns these from the keyring it first reads (trust on first use).
+func WithNodeState(s NodeState) Option {
 	return func(e *Envelope) error {
-		e.anchors = append(e.anchors, ids...)
+		e.state = s.toSet()
 		return nil
 	}
 }
@@ -205,7 +209,7 @@ func NewEnvelope(ctx context.Context, p Provider, ring Keyring, opts ...Option) 
 	if err := CheckProviderName(p.Name()); err != nil {
 		return nil, err
 	}
-	e := &Envelope{provider: p, ring: ring, unwrapTimeout: 30 * time.Second, usageLimit: MaxEncryptionsPerKey / 2}
+	e := &Envelope{provider: p, ring: ring, unwrapTimeout: 30 * time.Second, usageLimit: MaxEncryptionsPerKey / 2, state: NodeState{}.toSet()}
 	e.auth, _ = p.(Authenticator)
 	for _, opt := range opts {
 		if err := opt(e); err != nil {
@@ -214,7 +218,7 @@ func NewEnvelope(ctx context.Context, p Provider, ring Keyring, opts ...Option) 
 	}
 	e.keys.Store(&map[string]*kek{})
 	e.records.Store(&map[string]KeyRecord{})
-	e.trusted.Store(&map[string]*Member{})
+	e.trust.Store(&trust{members: map[string]*Member{}, removed: map[string]bool{}})
 	if node, ok := p.(Node); ok {
 		id, err := node.Identity(ctx)
 		if err != nil {
@@ -327,7 +331,7 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 // kek unwraps KEK id, not yet in memory, from the keyring's copies or else from the attached key.
 func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, error) {
 	if r, ok := (*e.records.Load())[id]; ok {
-		own, shared, err := e.copiesFor(ctx, r, *e.trusted.Load())
+		own, shared, err := e.copiesFor(ctx, r, e.trust.Load().members)
 		if err != nil {
 			return nil, err
 		}
@@ -355,17 +359,19 @@ func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, e
 // is a trusted member and whose signature verifies. A copy that fails is skipped; with no copy left, the error
 // says why.
 func (e *Envelope) copiesFor(ctx context.Context, r KeyRecord, trusted map[string]*Member) (own, shared [][]byte, err error) {
-	return copiesFor(ctx, r, e.provider.Name(), e.auth, e.selfID, trusted)
+	return copiesFor(ctx, r, e.provider.Name(), e.auth, e.legacyAllowed(), e.selfID, trusted)
 }
 
-func copiesFor(ctx context.Context, r KeyRecord, root string, auth Authenticator, self string, trusted map[string]*Member) (own, shared [][]byte, err error) {
+// copiesFor is [Envelope.copiesFor] for root, whose Authenticator is auth and whose member ID is self; legacy
+// says whether copies read from a keyring of version 1 are accepted without a proof.
+func copiesFor(ctx context.Context, r KeyRecord, root string, auth Authenticator, legacy bool, self string, trusted map[string]*Member) (own, shared [][]byte, err error) {
 	var errs []error
 	for _, w := range r.Wrapped {
 		switch {
 		case w.Root != root || w.Recipient != self && w.Recipient != "":
 			continue
 		case w.Sender == "":
-			if err := checkCopy(ctx, auth, r.ID, w); err != nil {
+			if err := checkCopy(ctx, auth, legacy, r.ID, w); err != nil {
 				errs = append(errs, err)
 				continue
 			}
@@ -393,15 +399,17 @@ func copiesFor(ctx context.Context, r KeyRecord, root string, auth Authenticator
 }
 
 // checkCopy returns nil if w, a keyring copy of KEK id, may be unwrapped: its proof verifies with auth, or auth is
-// nil (the root cannot prove), or it was read from a keyring of version 1.
-func checkCopy(ctx context.Context, auth Authenticator, id string, w WrappedKey) error {
+// nil (the root cannot prove), or it was read from a keyring of version 1 and legacy allows such copies.
+func checkCopy(ctx context.Context, auth Authenticator, legacy bool, id string, w WrappedKey) error {
 	switch {
 	case auth == nil:
 		return nil
 	case w.Proof != nil:
 		return auth.Verify(ctx, proofMessage(id, w.Root, w.Blob), w.Proof)
-	case w.legacy:
+	case w.legacy && legacy:
 		return nil
+	case w.legacy:
+		return fmt.Errorf("%w: a copy without a proof in a keyring of version 1, after this node read a later version", ErrUnauthenticated)
 	}
 	return fmt.Errorf("%w: a copy without a proof in a keyring of version %d", ErrUnauthenticated, keyringVersion)
 }
@@ -473,6 +481,9 @@ func unwrapKey(ctx context.Context, p Provider, id string, blobs [][]byte) ([]by
 			continue
 		}
 		return key, nil
+	}
+	if len(errs) == 0 {
+		return nil, fmt.Errorf("unwrap key %s: %w: no copy to unwrap", id, ErrUnwrap)
 	}
 	return nil, fmt.Errorf("unwrap key %s: %w", id, errors.Join(errs...))
 }
@@ -595,15 +606,19 @@ func (e *Envelope) Reload(ctx context.Context) (err error) {
 }
 
 // apply makes ring the Envelope's keyring: it imports the KEKs other members wrapped for this one, unwraps the
-// active KEK, then switches to it and to the records together. The caller holds ringMu.
+// active KEK, then switches to it and to the records together. It refuses to make active a key this node saw
+// retired: a keyring written back with an older key active would hand new data to the members that had it. The
+// caller holds ringMu.
 func (e *Envelope) apply(ctx context.Context, ring Ring) error {
-	trusted := trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
+	e.noteVersion(ring.Version)
+	e.pinOnFirstJoin(ring)
+	tr := e.trustOf(ring)
 	if e.node != nil {
 		var err error
-		if ring, err = e.importShared(ctx, ring, trusted); err != nil {
+		if ring, err = e.importShared(ctx, ring, tr.members); err != nil {
 			return err
 		}
-		trusted = trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
+		tr = e.trustOf(ring)
 	}
 	byID := make(map[string]KeyRecord, len(ring.Keys))
 	var active KeyRecord
@@ -613,8 +628,11 @@ func (e *Envelope) apply(ctx context.Context, ring Ring) error {
 			active = r
 		}
 	}
+	if e.wasRetired(active.ID) {
+		return fmt.Errorf("kleidi: active key: %w: %s was retired: a key is never made active again", ErrInvalidKeyring, active.ID)
+	}
 	root := e.provider.Name()
-	own, shared, err := e.copiesFor(ctx, active, trusted)
+	own, shared, err := e.copiesFor(ctx, active, tr.members)
 	if err != nil {
 		return fmt.Errorf("kleidi: active key: %w", err)
 	}
@@ -635,7 +653,8 @@ func (e *Envelope) apply(ctx context.Context, ring Ring) error {
 		}
 		attached = encodeAttachedKey(own[0], proof)
 	}
-	e.trusted.Store(&trusted)
+	e.remember(ring, active.ID, tr)
+	e.trust.Store(&tr)
 	e.records.Store(&byID)
 	e.active.Store(&activeKey{kek: k, attached: attached})
 	return nil
@@ -699,10 +718,10 @@ func Rewrap(ctx context.Context, ring Keyring, from, to Provider) error {
 	if err != nil {
 		return fmt.Errorf("kleidi: rewrap: %w", err)
 	}
-	trusted := trustedMembers(loaded, fromSelf)
+	trusted := trustedMembers(loaded, nil, fromSelf)
 	rewrapped := make(map[string]WrappedKey, len(loaded.Keys))
 	for _, r := range loaded.Keys {
-		own, shared, err := copiesFor(ctx, r, from.Name(), fromAuth, fromSelf, trusted)
+		own, shared, err := copiesFor(ctx, r, from.Name(), fromAuth, loaded.Version == 1, fromSelf, trusted)
 		if err != nil {
 			return fmt.Errorf("kleidi: rewrap: %w", err)
 		}

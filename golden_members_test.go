@@ -70,8 +70,10 @@ func TestGoldenKeyringV3(t *testing.T) {
 	if err != nil {
 		t.Fatalf("parseKeyring(%s) err = %v", goldenKeyringV3, err)
 	}
+	wantRing := goldenRing()
+	wantRing.Version = 3
 	got, _ := json.Marshal(ring)
-	want, _ := json.Marshal(goldenRing())
+	want, _ := json.Marshal(wantRing)
 	if !bytes.Equal(got, want) {
 		t.Errorf("parseKeyring(%s) = %s, want %s", goldenKeyringV3, got, want)
 	}

@@ -65,6 +65,12 @@ type Ring struct {
 	// Members are the roots of trust every KEK is wrapped for, when several share the keyring (see [Member]);
 	// empty for a keyring of one root.
 	Members []Member
+	// Removed records the members that were unenrolled, each signed by the member that removed it, so that a
+	// node that sees it never trusts the removed member again, even if its old entry comes back.
+	Removed []Removal
+	// Version is the format version the keyring was read from (0 for a keyring never written). Writing ignores
+	// it: a keyring is written in the oldest version that holds what it has.
+	Version int
 }
 
 // Keyring stores a [Ring]. It holds nothing secret. Implementations are safe for concurrent use, and Update
@@ -97,6 +103,7 @@ type keyringFile struct {
 	Version int         `json:"version"`
 	Keys    []KeyRecord `json:"keys"`
 	Members []Member    `json:"members,omitempty"`
+	Removed []Removal   `json:"removed,omitempty"`
 }
 
 // encodeKeyring checks ring and returns the keyring file that holds it.
@@ -106,7 +113,7 @@ func encodeKeyring(ring Ring) ([]byte, error) {
 		return nil, err
 	}
 	version := 2
-	if len(ring.Members) > 0 {
+	if len(ring.Members) > 0 || len(ring.Removed) > 0 {
 		version = keyringVersion
 	}
 	for _, r := range records {
@@ -116,9 +123,14 @@ func encodeKeyring(ring Ring) ([]byte, error) {
 			}
 		}
 	}
-	b, err := json.MarshalIndent(keyringFile{Format: keyringFormat, Version: version, Keys: records, Members: ring.Members}, "", "  ")
+	b, err := json.MarshalIndent(keyringFile{Format: keyringFormat, Version: version, Keys: records, Members: ring.Members,
+		Removed: ring.Removed}, "", "  ")
 	if err != nil {
 		return nil, err
+	}
+	if len(b)+1 > maxKeyringSize {
+		// Refused here, so the keyring on disk stays one every node can read.
+		return nil, fmt.Errorf("%w: %d bytes would be larger than %d: remove retired keys no data uses", ErrTooLarge, len(b)+1, maxKeyringSize)
 	}
 	return append(b, '\n'), nil
 }
@@ -154,8 +166,8 @@ func parseKeyring(b []byte) (Ring, error) {
 	if _, err := dec.Token(); err != io.EOF {
 		return Ring{}, fmt.Errorf("%w: data after the keyring", ErrInvalidKeyring)
 	}
-	ring := Ring{Keys: f.Keys, Members: f.Members}
-	if f.Version < 3 && len(f.Members) > 0 {
+	ring := Ring{Keys: f.Keys, Members: f.Members, Removed: f.Removed, Version: f.Version}
+	if f.Version < 3 && (len(f.Members) > 0 || len(f.Removed) > 0) {
 		return Ring{}, fmt.Errorf("%w: members in a keyring of version %d", ErrInvalidKeyring, f.Version)
 	}
 	if err := checkRing(ring); err != nil {
@@ -176,7 +188,10 @@ func checkRing(ring Ring) error {
 	if err := checkRecords(ring.Keys); err != nil {
 		return err
 	}
-	return checkMembers(ring.Members)
+	if err := checkMembers(ring.Members); err != nil {
+		return err
+	}
+	return checkRemovals(ring.Removed)
 }
 
 // checkRecords returns an error wrapping [ErrInvalidKeyring] unless records form a valid list of keys.

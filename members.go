@@ -28,11 +28,44 @@ type Member struct {
 // maxMemberIDSize bounds a member ID: a provider name, a dash and a 26-character fingerprint.
 const maxMemberIDSize = MaxProviderNameSize + 1 + 26
 
+// Removal records that a member was unenrolled ([Envelope.Unenroll]): signed by the member that removed it, it
+// makes every node that sees it stop trusting the removed member for good (see [WithNodeState]), even if the
+// member's old, validly endorsed entry is written back into the keyring.
+type Removal struct {
+	// ID is the removed member's ID.
+	ID string `json:"id"`
+	// Removed is when it was removed.
+	Removed time.Time `json:"removed"`
+	// By is the ID of the member that removed it; Signature its signature over the removal.
+	By        string `json:"by"`
+	Signature []byte `json:"signature"`
+}
+
 // Labels of the messages members sign, so that a signature made for one purpose never passes for another.
 const (
 	endorsementLabel = "kleidi member v1\x00"
 	sharedCopyLabel  = "kleidi shared key v1\x00"
+	removalLabel     = "kleidi removed member v1\x00"
 )
+
+// removalMessage is what by signs to remove member.
+func removalMessage(by, member string) []byte {
+	return []byte(removalLabel + by + "\x00" + member)
+}
+
+// checkRemovals returns an error wrapping [ErrInvalidKeyring] unless removals are well formed.
+func checkRemovals(removals []Removal) error {
+	if len(removals) > maxKeyRecords {
+		return fmt.Errorf("%w: %d removed members, at most %d allowed", ErrInvalidKeyring, len(removals), maxKeyRecords)
+	}
+	for i, r := range removals {
+		if len(r.ID) == 0 || len(r.ID) > maxMemberIDSize || len(r.By) == 0 || len(r.By) > maxMemberIDSize ||
+			len(r.Signature) == 0 || len(r.Signature) > MaxSignatureSize {
+			return fmt.Errorf("%w: removal %d is not well formed", ErrInvalidKeyring, i)
+		}
+	}
+	return nil
+}
 
 // endorsementMessage is what endorser signs to make member a member.
 func endorsementMessage(endorser, member string) []byte {
@@ -76,14 +109,40 @@ func checkMembers(members []Member) error {
 	return nil
 }
 
+// trust is what a node trusts of a keyring: its members, and the removed members it will never trust again.
+type trust struct {
+	members map[string]*Member
+	removed map[string]bool
+}
+
+// trustOf returns what a node whose anchors (itself, the members it pinned) are anchors, and who knows removed
+// as removed, trusts of ring: the members the anchors reach through endorsements, less every member removed by a
+// trusted member's signed [Removal] or known as removed.
+func trustOf(ring Ring, anchors []string, removed map[string]bool) trust {
+	gone := make(map[string]bool, len(removed))
+	for id := range removed {
+		gone[id] = true
+	}
+	members := trustedMembers(ring, gone, anchors...)
+	for _, r := range ring.Removed {
+		if by := members[r.By]; by != nil && !gone[r.ID] && by.Identity.Verify(removalMessage(r.By, r.ID), r.Signature) == nil {
+			gone[r.ID] = true
+		}
+	}
+	if len(gone) > len(removed) {
+		members = trustedMembers(ring, gone, anchors...)
+	}
+	return trust{members: members, removed: gone}
+}
+
 // trustedMembers returns the members of ring that anchors (member IDs this node trusts of itself) reach
 // through endorsements: an anchor that is a member, and every member whose endorsement by a trusted member
-// verifies. A member that can sign must have a verify key to endorse others.
-func trustedMembers(ring Ring, anchors ...string) map[string]*Member {
+// verifies. A member in removed is never trusted.
+func trustedMembers(ring Ring, removed map[string]bool, anchors ...string) map[string]*Member {
 	trusted := make(map[string]*Member, len(ring.Members))
 	for i := range ring.Members {
 		for _, a := range anchors {
-			if ring.Members[i].ID == a {
+			if ring.Members[i].ID == a && !removed[a] {
 				trusted[a] = &ring.Members[i]
 			}
 		}
@@ -92,7 +151,7 @@ func trustedMembers(ring Ring, anchors ...string) map[string]*Member {
 		grew = false
 		for i := range ring.Members {
 			m := &ring.Members[i]
-			if trusted[m.ID] != nil {
+			if trusted[m.ID] != nil || removed[m.ID] {
 				continue
 			}
 			e := trusted[m.Endorser]

@@ -37,12 +37,7 @@ func (n *testNode) id(t testing.TB) *kleidi.Identity {
 // start opens the node's Envelope on its keyring, trusting the members that endorsed it, as a new node does.
 func (n *testNode) start(t testing.TB, opts ...kleidi.Option) error {
 	t.Helper()
-	ring, err := n.ring.Load(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	opts = append([]kleidi.Option{kleidi.WithRecipientOpener("insecure", kleiditest.OpenInsecureRecipient),
-		kleidi.WithTrustedMembers(ring.Endorsers(n.id(t).ID())...)}, opts...)
+	opts = append([]kleidi.Option{kleidi.WithRecipientOpener("insecure", kleiditest.OpenInsecureRecipient)}, opts...)
 	env, err := kleidi.NewEnvelope(ctx, n.p, n.ring, opts...)
 	if err != nil {
 		return err
@@ -323,7 +318,7 @@ func TestUnendorsedMemberReceivesNothing(t *testing.T) {
 			}
 		}
 	}
-	if got := nodes[0].env.TrustedMembers(); slices.Contains(got, attackerID.ID()) || slices.Contains(got, otherID.ID()) {
+	if got := nodes[0].env.NodeState().Trusted; slices.Contains(got, attackerID.ID()) || slices.Contains(got, otherID.ID()) {
 		t.Errorf("TrustedMembers() = %v includes an unendorsed member", got)
 	}
 }
@@ -331,7 +326,7 @@ func TestUnendorsedMemberReceivesNothing(t *testing.T) {
 // A node pinned who endorsed it when it joined; rewriting its endorsement in the keyring does not move its trust.
 func TestPinnedTrustSurvivesARewrittenEndorsement(t *testing.T) {
 	nodes := newCluster(t, 2)
-	pinned := nodes[1].env.TrustedMembers()
+	pinned := nodes[1].env.NodeState()
 	attacker := kleiditest.NewInsecureNode()
 	attackerID, _ := attacker.Identity(ctx)
 	endorsement, _ := attacker.Sign(ctx, kleidi.EndorsementMessageForTest(attackerID.ID(), attackerID.ID()))
@@ -345,12 +340,12 @@ func TestPinnedTrustSurvivesARewrittenEndorsement(t *testing.T) {
 		}
 	})
 	env, err := kleidi.NewEnvelope(ctx, nodes[1].p, nodes[1].ring, kleidi.WithRecipientOpener("insecure", kleiditest.OpenInsecureRecipient),
-		kleidi.WithTrustedMembers(pinned...))
+		kleidi.WithNodeState(pinned))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer env.Close()
-	if slices.Contains(env.TrustedMembers(), attackerID.ID()) {
+	if slices.Contains(env.NodeState().Trusted, attackerID.ID()) {
 		t.Errorf("a node with pinned members trusts a member endorsed by nobody it trusts")
 	}
 }
@@ -401,8 +396,8 @@ func TestEndorsersAndTrustedMembers(t *testing.T) {
 		t.Errorf("Endorsers(node 2) = %v, want %v", got, want)
 	}
 	for i, n := range nodes {
-		if got := n.env.TrustedMembers(); len(got) != 3 {
-			t.Errorf("node %d trusts %d members, want 3", i, len(got))
+		if got := n.env.NodeState().Trusted; len(got) != 2 {
+			t.Errorf("node %d trusts %d members beside itself, want 2", i, len(got))
 		}
 	}
 }
@@ -425,7 +420,11 @@ func TestRecover(t *testing.T) {
 	fresh := newTestNode()
 	copyRing(t, nodes[0], fresh)
 	backup, _ := fresh.ring.Load(ctx)
-	if err := kleidi.Recover(ctx, fresh.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, fresh.p); err != nil {
+	if err := kleidi.Recover(ctx, fresh.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, fresh.p); err == nil {
+		t.Fatalf("Recover() with no trusted member err = nil")
+	}
+	trusted := nodes[1].env.NodeState().Trusted // what a lost node's state backup holds
+	if err := kleidi.Recover(ctx, fresh.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, fresh.p, trusted...); err != nil {
 		t.Fatalf("Recover() err = %v", err)
 	}
 	if err := fresh.start(t); err != nil {
@@ -443,7 +442,7 @@ func TestRecover(t *testing.T) {
 	// The recovered keyring still has the recovery key as a member: a second recovery works too.
 	again := newTestNode()
 	copyRing(t, fresh, again)
-	if err := kleidi.Recover(ctx, again.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, again.p); err != nil {
+	if err := kleidi.Recover(ctx, again.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, again.p, fresh.env.MemberID()); err != nil {
 		t.Errorf("second Recover() err = %v", err)
 	}
 
@@ -459,7 +458,7 @@ func TestRecover(t *testing.T) {
 			}
 		}
 	})
-	if err := kleidi.Recover(ctx, forged.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, forged.p); !errors.Is(err, kleidi.ErrUnauthenticated) {
+	if err := kleidi.Recover(ctx, forged.ring, recoveryNode, recoveryID, kleiditest.OpenInsecureRecipient, forged.p, trusted...); !errors.Is(err, kleidi.ErrUnauthenticated) {
 		t.Errorf("Recover(unsigned recovery copies) err = %v, want kleidi.ErrUnauthenticated", err)
 	}
 }

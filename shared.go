@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sort"
 	"time"
 )
 
@@ -47,12 +46,18 @@ func (e *Envelope) stage(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	_, err = e.ring.Update(ctx, func(ring *Ring) error {
-		for _, r := range ring.Keys {
+	_, err = e.ring.Update(ctx, func(now *Ring) error {
+		for _, r := range now.Keys {
 			if r.ID == id {
 				return fmt.Errorf("key %s exists already", id) // 2^-160: a broken random source
 			}
 		}
+		for _, m := range now.Members {
+			if !slices.ContainsFunc(ring.Members, func(x Member) bool { return x.ID == m.ID }) {
+				return fmt.Errorf("member %s joined while the key was wrapped: run it again", m.ID)
+			}
+		}
+		ring := now
 		if err := e.proveLegacyCopies(ctx, ring.Keys); err != nil {
 			return err
 		}
@@ -78,7 +83,7 @@ func (e *Envelope) wrapForMembers(ctx context.Context, ring Ring, id string, key
 		return nil, err
 	}
 	copies := []WrappedKey{own}
-	trusted := trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
+	trusted := e.trustOf(ring).members
 	for _, m := range ring.Members {
 		if m.ID == e.selfID || trusted[m.ID] == nil {
 			continue // an untrusted member gets nothing: only a trusted member's endorsement makes a member
@@ -156,12 +161,11 @@ func (e *Envelope) activate(ctx context.Context, id string) error {
 	if i < 0 {
 		return fmt.Errorf("%w: %s is not in the keyring", ErrUnknownKey, id)
 	}
-	if ring.Keys[i].State == KeyRetired {
+	if ring.Keys[i].State == KeyRetired || e.wasRetired(id) {
 		return fmt.Errorf("key %s is retired: key IDs are never reused; stage a new key", id)
 	}
 	if (*e.keys.Load())[id] == nil {
-		trusted := trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
-		own, shared, err := e.copiesFor(ctx, ring.Keys[i], trusted)
+		own, shared, err := e.copiesFor(ctx, ring.Keys[i], e.trustOf(ring).members)
 		if err != nil {
 			return fmt.Errorf("this node cannot unwrap it: %w", err)
 		}
@@ -288,9 +292,12 @@ func (e *Envelope) enroll(ctx context.Context, identity *Identity) (string, erro
 		}
 		return Member{ID: id.ID(), Identity: *id, Added: now, Endorser: e.selfID, Endorsement: sig}, nil
 	}
+	// An entry this node does not trust (planted, or endorsed by someone it does not know) is replaced by its own
+	// endorsement, so the new node pins this node, not whoever wrote the entry.
+	trusted := e.trustOf(ring).members
 	var add []Member
 	for _, id := range []*Identity{self, identity} {
-		if !slices.ContainsFunc(ring.Members, func(m Member) bool { return m.ID == id.ID() }) {
+		if trusted[id.ID()] == nil {
 			m, err := endorse(id)
 			if err != nil {
 				return "", err
@@ -299,7 +306,6 @@ func (e *Envelope) enroll(ctx context.Context, identity *Identity) (string, erro
 		}
 	}
 	// Every KEK, retired ones too (they decrypt stored data), gets a copy for the new member.
-	trusted := trustedMembers(ring, append([]string{e.selfID}, e.anchors...)...)
 	copies := make(map[string]WrappedKey)
 	for _, r := range ring.Keys {
 		if memberID == e.selfID || slices.ContainsFunc(r.Wrapped, func(w WrappedKey) bool { return w.Recipient == memberID }) {
@@ -322,9 +328,8 @@ func (e *Envelope) enroll(ctx context.Context, identity *Identity) (string, erro
 	}
 	ring, err = e.ring.Update(ctx, func(ring *Ring) error {
 		for _, m := range add {
-			if !slices.ContainsFunc(ring.Members, func(x Member) bool { return x.ID == m.ID }) {
-				ring.Members = append(ring.Members, m)
-			}
+			ring.Members = slices.DeleteFunc(ring.Members, func(x Member) bool { return x.ID == m.ID })
+			ring.Members = append(ring.Members, m)
 		}
 		for i, r := range ring.Keys {
 			if w, ok := copies[r.ID]; ok && !slices.ContainsFunc(r.Wrapped, func(x WrappedKey) bool { return x.Recipient == memberID }) {
@@ -359,10 +364,12 @@ func (e *Envelope) Unenroll(ctx context.Context, id string) (string, error) {
 	if !slices.ContainsFunc(ring.Members, func(m Member) bool { return m.ID == id }) {
 		return "", fmt.Errorf("kleidi: unenroll: %s is not a member", id)
 	}
-	// The members it endorsed are endorsed again by this node, so that other nodes keep trusting them.
+	// The trusted members it endorsed are endorsed again by this node, so that other nodes keep trusting them;
+	// an entry that only claims to be endorsed by it gets nothing.
+	trusted := e.trustOf(ring).members
 	reendorse := make(map[string][]byte)
 	for _, m := range ring.Members {
-		if m.Endorser == id && m.ID != id {
+		if m.Endorser == id && m.ID != id && trusted[m.ID] != nil {
 			sig, err := e.sign(ctx, endorsementMessage(e.selfID, m.ID))
 			if err != nil {
 				return "", fmt.Errorf("kleidi: unenroll: %w", err)
@@ -370,8 +377,13 @@ func (e *Envelope) Unenroll(ctx context.Context, id string) (string, error) {
 			reendorse[m.ID] = sig
 		}
 	}
+	removal, err := e.sign(ctx, removalMessage(e.selfID, id))
+	if err != nil {
+		return "", fmt.Errorf("kleidi: unenroll: %w", err)
+	}
 	_, err = e.ring.Update(ctx, func(ring *Ring) error {
 		ring.Members = slices.DeleteFunc(ring.Members, func(m Member) bool { return m.ID == id })
+		ring.Removed = append(ring.Removed, Removal{ID: id, Removed: time.Now().UTC().Truncate(time.Second), By: e.selfID, Signature: removal})
 		for i := range ring.Members {
 			if sig, ok := reendorse[ring.Members[i].ID]; ok {
 				ring.Members[i].Endorser, ring.Members[i].Endorsement = e.selfID, sig
@@ -402,42 +414,42 @@ func (e *Envelope) Unenroll(ctx context.Context, id string) (string, error) {
 // [Node].
 func (e *Envelope) MemberID() string { return e.selfID }
 
-// TrustedMembers returns the IDs of the members of the keyring this node trusts, as last loaded, sorted: what
-// a node keeps in its own state and passes to [WithTrustedMembers] at its next start.
-func (e *Envelope) TrustedMembers() []string {
-	trusted := *e.trusted.Load()
-	ids := make([]string, 0, len(trusted))
-	for id := range trusted {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
-	return ids
-}
-
 // Endorsers returns the IDs of the members that endorsed member id, in turn, nearest first, up to the first
-// member that endorsed itself: the members a new node trusts when it first starts with the keyring handed to it
-// (trust on first use), to keep with [WithTrustedMembers]. It checks no signature.
+// member that endorsed itself, following only endorsements whose signatures verify: the members a new node
+// trusts when it first starts with the keyring handed to it (trust on first use; see [NodeState]).
 func (r Ring) Endorsers(id string) []string {
 	byID := make(map[string]*Member, len(r.Members))
 	for i := range r.Members {
 		byID[r.Members[i].ID] = &r.Members[i]
 	}
 	var chain []string
-	for m := byID[id]; m != nil && m.Endorser != m.ID && !slices.Contains(chain, m.Endorser); m = byID[m.Endorser] {
-		chain = append(chain, m.Endorser)
+	for m := byID[id]; m != nil && m.Endorser != m.ID && !slices.Contains(chain, m.Endorser); {
+		by := byID[m.Endorser]
+		if by == nil || by.Identity.Verify(endorsementMessage(by.ID, m.ID), m.Endorsement) != nil {
+			return chain
+		}
+		chain = append(chain, by.ID)
+		m = by
 	}
 	return chain
 }
 
 // Recover rebuilds ring for the root of trust to, a node's new or cleared TPM, from the copies the keyring holds
 // for the recovery member whose identity is recoveryID and whose private part recovery holds (an OpenPGP
-// provider opened with the offline recovery key). Each copy for the recovery member must be signed by a member
-// that the keyring's endorsements connect to a first, self-endorsed member: Recover trusts the keyring file it is
-// given, so give it a copy you trust (a backup). Every KEK is unwrapped through recovery, checked against its key
-// ID, and wrapped again for to and for the recovery member; the members become to and the recovery member, key
-// states stay as they were. Enroll the other nodes again afterwards. open is the recovery member's
-// [RecipientOpener].
-func Recover(ctx context.Context, ring Keyring, recovery Provider, recoveryID *Identity, open RecipientOpener, to Provider) error {
+// provider opened with the offline recovery key). It believes only copies signed by a member that trusted (member
+// IDs: what a lost node trusted, from a backup of its [NodeState], or the IDs its operators recorded) reach through
+// endorsements: a keyring file carries whatever anyone wrote into it. Every KEK is unwrapped through recovery,
+// checked against its key ID, and wrapped again for to and for the recovery member; the members become to and the
+// recovery member, key states stay as they were. A retired KEK with no such copy is left out and named in the
+// error, after the rest is recovered; the active one must have one. Enroll the other nodes again afterwards. open
+// is the recovery member's [RecipientOpener].
+func Recover(ctx context.Context, ring Keyring, recovery Provider, recoveryID *Identity, open RecipientOpener, to Provider, trusted ...string) error {
+	if recoveryID == nil || open == nil || recovery == nil || ring == nil {
+		return errors.New("kleidi: Recover needs a keyring, the recovery provider, its identity and opener")
+	}
+	if len(trusted) == 0 {
+		return errors.New("kleidi: recover: no trusted member given: name the members whose copies to believe")
+	}
 	node, ok := to.(Node)
 	if !ok {
 		return fmt.Errorf("kleidi: recover: provider %s is not a kleidi.Node", to.Name())
@@ -451,23 +463,25 @@ func Recover(ctx context.Context, ring Keyring, recovery Provider, recoveryID *I
 	if err != nil {
 		return fmt.Errorf("kleidi: recover: %w", err)
 	}
-	var firsts []string
-	for _, m := range loaded.Members {
-		if m.Endorser == m.ID && m.Identity.Verify(endorsementMessage(m.ID, m.ID), m.Endorsement) == nil {
-			firsts = append(firsts, m.ID)
-		}
-	}
-	trusted := trustedMembers(loaded, firsts...)
+	members := trustOf(loaded, trusted, nil).members
 	recID := recoveryID.ID()
 	keys := make([]KeyRecord, 0, len(loaded.Keys))
+	var skipped []error
 	for _, r := range loaded.Keys {
-		_, shared, err := copiesFor(ctx, r, recovery.Name(), nil, recID, trusted)
-		if err != nil {
-			return fmt.Errorf("kleidi: recover: %w", err)
+		_, shared, err := copiesFor(ctx, r, recovery.Name(), nil, false, recID, members)
+		if err == nil && len(shared) == 0 {
+			err = fmt.Errorf("key %s: %w: no copy for the recovery key signed by a trusted member", r.ID, ErrUnauthenticated)
 		}
-		key, err := unwrapKey(ctx, recovery, r.ID, shared)
+		var key []byte
+		if err == nil {
+			key, err = unwrapKey(ctx, recovery, r.ID, shared)
+		}
 		if err != nil {
-			return fmt.Errorf("kleidi: recover: %w", err)
+			if r.State == KeyActive {
+				return fmt.Errorf("kleidi: recover: active %w", err)
+			}
+			skipped = append(skipped, err)
+			continue
 		}
 		own, err := wrapCopy(ctx, to, e.selfID, r.ID, key)
 		if err != nil {
@@ -482,16 +496,19 @@ func Recover(ctx context.Context, ring Keyring, recovery Provider, recoveryID *I
 		keys = append(keys, KeyRecord{ID: r.ID, Created: r.Created, State: r.State, Wrapped: []WrappedKey{own, rc}})
 	}
 	now := time.Now().UTC().Truncate(time.Second)
-	var members []Member
+	var newMembers []Member
 	for _, id := range []*Identity{self, recoveryID} {
 		sig, err := e.sign(ctx, endorsementMessage(e.selfID, id.ID()))
 		if err != nil {
 			return fmt.Errorf("kleidi: recover: %w", err)
 		}
-		members = append(members, Member{ID: id.ID(), Identity: *id, Added: now, Endorser: e.selfID, Endorsement: sig})
+		newMembers = append(newMembers, Member{ID: id.ID(), Identity: *id, Added: now, Endorser: e.selfID, Endorsement: sig})
 	}
-	if _, err := ring.Update(ctx, func(r *Ring) error { *r = Ring{Keys: keys, Members: members}; return nil }); err != nil {
+	if _, err := ring.Update(ctx, func(r *Ring) error { *r = Ring{Keys: keys, Members: newMembers}; return nil }); err != nil {
 		return fmt.Errorf("kleidi: recover: %w", err)
+	}
+	if len(skipped) > 0 {
+		return fmt.Errorf("kleidi: recover: recovered %d keys, left out %d: %w", len(keys), len(skipped), errors.Join(skipped...))
 	}
 	return nil
 }

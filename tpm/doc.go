@@ -21,7 +21,8 @@
 // TCG reference simulator serve one client at a time, so several processes (kleidi-server serve and
 // kleidi-server rotate, say) can share one swtpm, each waiting for the other's operation to end. Those emulators
 // have no resource manager, so before it disconnects the provider flushes every transient object and session the
-// operation loaded, a storage root key created for it included; Health sends one cheap command (TPM2_ReadClock).
+// operation loaded, a storage root key created for it included; Health sets up the storage root key and checks
+// it against the pinned one, so a TPM cleared behind the plugin's back shows.
 // Either way a provider serialises its own commands, and the context is checked before each command. When the
 // connection fails (swtpm restarted, a device gone), calls return errors wrapping [kleidi.ErrUnavailable] and the
 // next call reconnects: [Provider.Health] turns nil again once the TPM is back, without a restart.

@@ -453,13 +453,12 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 	return key, nil
 }
 
-// Health implements [kleidi.Provider]. On a device or the in-process simulator it connects (or reconnects) to the
-// TPM, sets up the storage root key if needed and reads its public area, a cheap command. On a socket it connects
-// and sends one cheap command (TPM2_ReadClock), with no storage root key, then disconnects.
+// Health implements [kleidi.Provider]: it connects (or reconnects) to the TPM, sets up the storage root key if
+// needed and checks it against the pinned one (on a socket, then disconnects), so a cleared or replaced TPM
+// reports [ErrStorageKeyChanged].
 func (p *Provider) Health(ctx context.Context) error {
-	if p.perOp {
-		return p.do(ctx, "health", false, func(t transport.TPM, _ *storageKey) error { return p.startup(t) })
-	}
+	// Also on a socket, where it costs a CreatePrimary: a TPM cleared behind the plugin's back must show, or its
+	// node keeps encrypting with the KEKs it holds while no new start could unwrap them.
 	return p.checkSRK(ctx, "health")
 }
 

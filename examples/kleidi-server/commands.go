@@ -80,8 +80,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		OnReload: func(err error, changed bool) {
 			m.KeyringReloaded(err, changed)
 			if err == nil {
-				if err := o.savePinnedMembers(env, o.pinned); err != nil {
-					o.log.Warn("could not record the trusted members", "error", err)
+				if err := o.saveNodeState(env); err != nil {
+					o.log.Warn("could not record the node state", "error", err)
 				}
 			}
 		}}

@@ -260,6 +260,9 @@ func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 
 // parse parses args, then sets each flag not given on the command line from its environment variable
 // KLEIDI_<NAME>, with '-' as '_'.
+// positionalArgs is how many arguments after the flags each command takes.
+var positionalArgs = map[string]int{"enroll": 1, "unenroll": 1, "activate": 1}
+
 func parse(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -267,8 +270,8 @@ func parse(fs *flag.FlagSet, args []string) error {
 		}
 		return errUsage
 	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(fs.Output(), "kleidi-server %s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+	if fs.NArg() > positionalArgs[fs.Name()] {
+		fmt.Fprintf(fs.Output(), "kleidi-server %s: unexpected argument %q\n", fs.Name(), fs.Arg(positionalArgs[fs.Name()]))
 		return errUsage
 	}
 	set := map[string]bool{}

@@ -1,14 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"text/tabwriter"
 
@@ -17,63 +18,63 @@ import (
 	"github.com/kleidi-kms/kleidi/tpm"
 )
 
-// trustedMembersFile, in the state directory, lists the keyring members this node trusts, one ID per line. A
-// node writes it when it first finds itself a member of the keyring (it trusts the members that endorsed it:
-// the keyring was handed to it at enrollment), and adds every member it comes to trust through their
-// endorsements; a keyring edited later cannot move that trust.
-const trustedMembersFile = "trusted-members"
-
 // recipientOpeners are the members a node can wrap KEKs for: other nodes' TPMs, OpenPGP recovery keys.
 func recipientOpeners() []kleidi.Option {
 	return []kleidi.Option{kleidi.WithRecipientOpener("tpm", tpm.OpenRecipient), kleidi.WithRecipientOpener("gpg", gpg.OpenRecipient)}
 }
 
-// pinnedMembers returns the members this node trusts from its state directory, or, on its first start as a
-// member, the members that endorsed it in the keyring.
-func (o *options) pinnedMembers(ctx context.Context, p kleidi.Provider) ([]string, error) {
-	b, err := os.ReadFile(filepath.Join(o.stateDir, trustedMembersFile))
-	if err == nil {
-		return strings.Fields(string(b)), nil
-	}
-	if !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("state directory: %w", err)
-	}
-	node, ok := p.(kleidi.Node)
-	if !ok {
-		return nil, nil
-	}
-	id, err := node.Identity(ctx)
-	if err != nil {
-		return nil, err
-	}
-	ring, err := kleidi.NewFileKeyring(o.keyringPath()).Load(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return ring.Endorsers(id.ID()), nil
-}
+// nodeStateFile, in the state directory, is what this node remembers of its keyring between runs
+// ([kleidi.NodeState]): the members it trusts and saw removed, the keys it saw retired, the keyring version it
+// read. The keyring, which other nodes and whoever distributes it can write, cannot be believed about these.
+const nodeStateFile = "node-state.json"
 
-// savePinnedMembers adds the members env trusts now to the state directory's list, once env's node is a member.
-func (o *options) savePinnedMembers(env *kleidi.Envelope, pinned []string) error {
-	trusted := env.TrustedMembers()
-	if !slices.Contains(trusted, env.MemberID()) {
-		return nil // not a member yet: nothing to pin
-	}
-	all := slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(pinned), trusted...))))
-	if slices.Equal(all, slices.Compact(slices.Sorted(slices.Values(slices.Clone(pinned))))) {
-		if _, err := os.Stat(filepath.Join(o.stateDir, trustedMembersFile)); err == nil {
-			return nil
+// loadNodeState returns the node state of the state directory (empty for a node that has none yet), with the
+// members of --trusted-member added.
+func (o *options) loadNodeState() (kleidi.NodeState, error) {
+	var s kleidi.NodeState
+	b, err := os.ReadFile(filepath.Join(o.stateDir, nodeStateFile))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return s, fmt.Errorf("state directory: %w", err)
+	default:
+		if err := json.Unmarshal(b, &s); err != nil {
+			return s, fmt.Errorf("state directory: %s: %w", nodeStateFile, err)
 		}
 	}
-	path := filepath.Join(o.stateDir, trustedMembersFile)
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(strings.Join(all, "\n")+"\n"), 0o600); err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	if err := o.giveToStateOwner(tmp); err != nil {
+	s.Trusted = append(s.Trusted, o.trustedMembers...)
+	return s, nil
+}
+
+// saveNodeState writes env's node state to the state directory when it differs from what is there.
+func (o *options) saveNodeState(env *kleidi.Envelope) error {
+	b, err := json.MarshalIndent(env.NodeState(), "", "  ")
+	if err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	b = append(b, '\n')
+	path := filepath.Join(o.stateDir, nodeStateFile)
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, b) {
+		return nil
+	}
+	f, err := os.CreateTemp(o.stateDir, nodeStateFile+".*")
+	if err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(b); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	if err := o.giveToStateOwner(f.Name()); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
 	return nil
@@ -88,7 +89,7 @@ func (o *options) enrollRecoveryKey(ctx context.Context, env *kleidi.Envelope) e
 	if err != nil {
 		return err
 	}
-	for _, m := range env.TrustedMembers() {
+	for _, m := range env.NodeState().Trusted {
 		if m == id.ID() {
 			return nil
 		}
@@ -161,7 +162,8 @@ func runEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "member: %s\nkey_id: %s\n", member, env.KeyID())
+		// endorsed_by is what the new node may pin with --trusted-member at its first start.
+		fmt.Fprintf(stdout, "member: %s\nendorsed_by: %s\nkey_id: %s\n", member, env.MemberID(), env.KeyID())
 		return nil
 	})
 }
@@ -258,17 +260,34 @@ func runRecover(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return fmt.Errorf("recovery key: %w", err)
 	}
 	defer rec.Close()
-	// A new or cleared TPM has a new storage root key: the pins of the old one go.
-	for _, f := range []string{srkNameFile, trustedMembersFile} {
-		if err := os.Remove(filepath.Join(o.stateDir, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("state directory: %w", err)
-		}
+	// The copies believed are those of the members this node trusted (its saved state) or --trusted-member names.
+	state, err := o.loadNodeState()
+	if err != nil {
+		return err
+	}
+	if len(state.Trusted) == 0 {
+		return fmt.Errorf("%w: recover believes only copies signed by members you trust: this state directory has no "+
+			"%s naming them; pass --trusted-member with the member IDs of the lost nodes (kleidi-server recipients lists the keyring's)",
+			errUsage, nodeStateFile)
+	}
+	// A new or cleared TPM has a new storage root key: the pin of the old one goes; the node starts its trust anew,
+	// keeping only what it knew of retired keys.
+	if err := os.Remove(filepath.Join(o.stateDir, srkNameFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("state directory: %w", err)
 	}
 	to, err := o.openProvider(ctx)
 	if err != nil {
 		return err
 	}
-	err = kleidi.Recover(ctx, kleidi.NewFileKeyring(o.keyringPath()), rec, recoveryID, gpg.OpenRecipient, to)
+	err = kleidi.Recover(ctx, kleidi.NewFileKeyring(o.keyringPath()), rec, recoveryID, gpg.OpenRecipient, to, state.Trusted...)
+	if err != nil && errors.Is(err, kleidi.ErrUnauthenticated) && !strings.Contains(err.Error(), "active key") {
+		o.log.Warn("recovered the keyring, but left out keys with no trusted recovery copy", "error", err)
+		err = nil
+	}
+	if err == nil {
+		o.trustedMembers = nil
+		err = o.resetNodeState(kleidi.NodeState{Retired: state.Retired, KeyringVersion: state.KeyringVersion})
+	}
 	if err == nil {
 		err = o.pinSRK(to)
 	}
@@ -283,4 +302,17 @@ func runRecover(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	defer p.Close()
 	fmt.Fprintf(stdout, "recovered %s for member %s\nkey_id: %s\n", o.keyringPath(), env.MemberID(), env.KeyID())
 	return nil
+}
+
+// resetNodeState replaces the state directory's node state with s.
+func (o *options) resetNodeState(s kleidi.NodeState) error {
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(o.stateDir, nodeStateFile)
+	if err := os.WriteFile(path, append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	return o.giveToStateOwner(path)
 }

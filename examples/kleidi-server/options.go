@@ -59,8 +59,8 @@ type options struct {
 	// (a deployment's first start); a state directory that shows an earlier keyring is still refused.
 	firstStart bool
 
-	// pinned are the members this node trusted when open ran (see trustedMembersFile).
-	pinned []string
+	// trustedMembers are the members --trusted-member names: trusted beside those of the node state.
+	trustedMembers stringList
 
 	// Set by serve before open: the provider is instrumented and the Envelope's key operations audited.
 	metrics *metrics.Metrics
@@ -86,6 +86,8 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.awsEndpoint, "awskms-endpoint", "", "AWS KMS endpoint `URL` (a VPC or FIPS endpoint, or a compatible server); default: the region's")
 	fs.Var(&o.awsContext, "awskms-context", "`key=value` bound to every wrapped KEK as encryption context (repeatable; in the environment, comma-separated)")
 	fs.DurationVar(&o.awsTimeout, "awskms-timeout", awskms.DefaultTimeout, "`duration` each call to AWS KMS may take, retries included")
+	fs.Var(&o.trustedMembers, "trusted-member", "member `ID` this node trusts, and the members it endorses: on a joining node, the ID of the node that "+
+		"enrolled it, as enroll printed it (default: the members that endorsed it in the keyring, on its first start); repeatable")
 	fs.StringVar(&o.recoveryKey, "recovery-key", "", "OpenPGP public key `file` of an offline recovery key: every KEK is also wrapped for it (tpm root)")
 	fs.StringVar(&o.logFormat, "log-format", "auto", "log `format`: text, json, or auto (text on a terminal, else json)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
@@ -169,12 +171,12 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 	if o.audit != nil {
 		opts = append(opts, kleidi.WithKeyEvents(o.audit.KeyEvents(p.Name())))
 	}
-	pinned, err := o.pinnedMembers(ctx, root)
+	state, err := o.loadNodeState()
 	if err != nil {
 		p.Close()
 		return nil, nil, false, err
 	}
-	opts = append(append(opts, recipientOpeners()...), kleidi.WithTrustedMembers(pinned...))
+	opts = append(append(opts, recipientOpeners()...), kleidi.WithNodeState(state))
 	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(o.keyringPath()), opts...)
 	if err != nil {
 		p.Close()
@@ -184,11 +186,10 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 		p.Close()
 		return nil, nil, false, err
 	}
-	if err := o.savePinnedMembers(env, pinned); err != nil {
+	if err := o.saveNodeState(env); err != nil {
 		p.Close()
 		return nil, nil, false, err
 	}
-	o.pinned = pinned
 	if name, err := o.pinnedSRK(); err == nil && name == "" && exists {
 		if err := o.pinSRK(root); err != nil { // a node that joined with a keyring copied from another
 			p.Close()
