@@ -396,8 +396,8 @@ func TestEndorsersAndTrustedMembers(t *testing.T) {
 		t.Errorf("Endorsers(node 2) = %v, want %v", got, want)
 	}
 	for i, n := range nodes {
-		if got := n.env.NodeState().Trusted; len(got) != 2 {
-			t.Errorf("node %d trusts %d members beside itself, want 2", i, len(got))
+		if got := n.env.NodeState().Trusted; len(got) != 3 || !slices.Contains(got, n.env.MemberID()) {
+			t.Errorf("node %d trusts %v, want the 3 members, itself included", i, got)
 		}
 	}
 }

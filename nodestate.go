@@ -10,8 +10,8 @@ import (
 // reference binary: node-state.json in its state directory), passes it with [WithNodeState] at every start and
 // saves [Envelope.NodeState] after every change. It holds IDs only, nothing secret.
 type NodeState struct {
-	// Trusted are the members this node trusts beside itself: the members that endorsed it when it first joined
-	// ([Ring.Endorsers]), and every member it came to trust since through their endorsements.
+	// Trusted are the members this node trusts: itself once a member, the members that endorsed it when it first
+	// joined ([Ring.Endorsers]), and every member it came to trust since through their endorsements.
 	Trusted []string `json:"trusted,omitempty"`
 	// Removed are the members this node saw removed ([Removal]): never trusted again.
 	Removed []string `json:"removed,omitempty"`
@@ -95,9 +95,7 @@ func (e *Envelope) remember(ring Ring, active string, tr trust) {
 		delete(e.state.trusted, id)
 	}
 	for id := range tr.members {
-		if id != e.selfID {
-			e.state.trusted[id] = true
-		}
+		e.state.trusted[id] = true // itself too: a recovery after its root is lost believes what it signed
 	}
 	for _, r := range ring.Keys {
 		if r.State == KeyRetired {
@@ -125,8 +123,10 @@ func (e *Envelope) pinOnFirstJoin(ring Ring) {
 	}
 	e.stateMu.Lock()
 	defer e.stateMu.Unlock()
-	if len(e.state.trusted) > 0 {
-		return
+	for id := range e.state.trusted {
+		if id != e.selfID {
+			return // it trusts another member already
+		}
 	}
 	for _, id := range ring.Endorsers(e.selfID) {
 		if !e.state.removed[id] {
