@@ -7,10 +7,17 @@
 #
 #   hack/demo.sh                  run the demo and exit
 #   KLEIDI_DEMO_WAIT=1 hack/demo.sh   keep the control plane up until Ctrl-C
+#   hack/demo.sh ha               the HA demo instead: three control-plane nodes, each on its own TPM (hack/demo-ha.sh)
 #
 # Needs: go, etcd and etcdctl (Debian etcd-server, etcd-client), openssl, curl;
 # kubectl if present (otherwise curl talks to the API).
 set -euo pipefail
+
+case "${1:-}" in
+"") ;;
+ha) exec "$(dirname "${BASH_SOURCE[0]}")/demo-ha.sh" ;;
+*) printf 'usage: hack/demo.sh [ha]\n' >&2; exit 2 ;;
+esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bold() { if [[ -t 1 ]]; then printf '\033[1m%s\033[0m\n' "$*"; else printf '%s\n' "$*"; fi; }
