@@ -28,7 +28,7 @@ step() { # title: a numbered step with the time since the start
 	bold "==> $stepno. $* [$((SECONDS - started)) s]"
 }
 say() { printf '    %s\n' "$@"; }
-indent() { sed 's/^/      /'; }
+indent() { sed -e "s|${work:-/nonexistent}/||g" -e 's/^/      /'; }
 
 need=(go etcd etcdctl swtpm swtpm_setup swtpm_localca gpg gpgconf openssl curl sha256sum)
 [[ $(id -u) -eq 0 ]] && need+=(setpriv)
@@ -140,7 +140,7 @@ declare -A flags=()
 OUT=""
 ks() {
 	local n=$1 cmd=$2; shift 2
-	printf '    cp%s$ kleidi-server %s $F%s %s\n' "$n" "$cmd" "$n" "$(rel "$@")"
+	printf '    cp%s$ kleidi-server %s $F%s%s\n' "$n" "$cmd" "$n" "${*:+ $(rel "$@")}"
 	# shellcheck disable=SC2086 # the flags are words
 	if ! OUT="$("${asuid[@]}" "$work/kleidi-server" "$cmd" ${flags[$n]} "$@" 2>"$work/ks.err")"; then
 		{ printf '%s\n' "$OUT"; cat "$work/ks.err"; } | indent
@@ -423,6 +423,7 @@ say "every Secret in etcd is now under $staged"
 step "cp2's TPM is cleared; cp2 joins again"
 say "Proves: a node whose TPM is cleared (or a new board) reports unhealthy instead of making a key of its own," \
 	"and joins again like any new node: identity, enroll on a peer, copy the keyring, start. Nothing is lost."
+say "A cleared TPM: swtpm stopped, its state removed and manufactured again (new EK, new storage root key)."
 stop tpm2
 manufacture 2
 start_tpm 2
@@ -430,7 +431,8 @@ printf '    $ kleidi-server status --listen unix://cp2/run/kms.sock\n'
 unhealthy() { ! status "$1" >/dev/null 2>&1; }
 wait_for "cp2 reports unhealthy" 30 unhealthy 2
 status 2 2>&1 | indent || true
-say "its apiserver's readiness check fails too (/readyz/kms-providers): it takes no traffic; the other two serve on."
+say "kube-apiserver 2 learns it at its next Status call (within 20 s) and fails /readyz/kms-providers, so a load" \
+	"balancer sends it nothing; the other two nodes serve on."
 stop kleidi2
 old_member=${member[2]}
 printf '    cp2$ rm -rf cp2/state/*\n'
@@ -454,6 +456,7 @@ same_key_id "$(sed -n 's/^key_id: //p' <<<"$OUT")"
 step "every TPM is cleared; the cluster is recovered with the offline recovery key"
 say "Proves: losing every TPM loses nothing with a recovery key: recover rebuilds the keyring for cp1's new TPM;" \
 	"the other nodes join cp1 again; every Secret stays readable, also by an apiserver that holds no cached key."
+say "Every TPM cleared: each swtpm stopped, its state removed and manufactured again."
 for n in 1 2 3; do stop "tpm$n"; manufacture "$n"; start_tpm "$n"; done
 printf '    $ kleidi-server status --listen unix://cpN/run/kms.sock\n'
 for n in 1 2 3; do wait_for "cp$n reports unhealthy" 30 unhealthy "$n"; done
@@ -473,7 +476,8 @@ done
 copy_keyring 1 2 3
 for n in 2 3; do serve "$n"; done
 same_key_id
-say "kube-apiserver 1 restarts, so that it holds no decrypted key from before: every read goes to its plugin"
+say "kube-apiserver 1 restarts, so that it holds no key decrypted before: each Secret it reads needs its plugin" \
+	"to decrypt, with the recovered keyring, the key that Secret was written with"
 stop api1
 start_api 1
 for n in 1 2 3; do wait_for "kube-apiserver $n ready" 120 curl -fsSk -H "Authorization: Bearer $token" "${api[$n]}/readyz"; done
