@@ -206,6 +206,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		case errors.Is(err, flag.ErrHelp):
 			return 0
 		case errors.Is(err, errUsage):
+			if err != errUsage { // a usage error with a message of its own: the flags parsed, the command refused
+				fmt.Fprintf(stderr, "kleidi-server %s: %s\n", c.name, strings.TrimPrefix(oneLine(err), "usage: "))
+			}
 			return 2
 		case errors.Is(err, errUnhealthy):
 			return 1
