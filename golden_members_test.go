@@ -20,7 +20,12 @@ func goldenIdentity(provider, publicKey string, verify bool) Identity {
 	id := Identity{Provider: provider, PublicKey: []byte(publicKey)}
 	if verify {
 		c := elliptic.P256().Params()
-		vk, err := x509.MarshalPKIXPublicKey(&ecdsa.PublicKey{Curve: elliptic.P256(), X: c.Gx, Y: c.Gy})
+		point := append([]byte{4}, append(c.Gx.FillBytes(make([]byte, 32)), c.Gy.FillBytes(make([]byte, 32))...)...)
+		pub, err := ecdsa.ParseUncompressedPublicKey(elliptic.P256(), point)
+		if err != nil {
+			panic(err)
+		}
+		vk, err := x509.MarshalPKIXPublicKey(pub)
 		if err != nil {
 			panic(err)
 		}

@@ -643,29 +643,6 @@ func (p *Provider) setupSRK(t transport.TPM) (*storageKey, error) {
 	return k, err
 }
 
-// startup reads the TPM's clock, a cheap command. It powers on a switched-off TCG reference simulator and starts a
-// TPM that was never started, as setting up the SRK does, so a health check agrees with what Unwrap would find.
-func (p *Provider) startup(t transport.TPM) error {
-	_, err := tpm2.ReadClock{}.Execute(t)
-	if errors.Is(err, errPoweredOff) {
-		s, ok := p.tpm.(*socketTPM)
-		if !ok || !s.framed {
-			return err
-		}
-		if err := s.powerOn(); err != nil {
-			return &transportError{err}
-		}
-		_, err = tpm2.ReadClock{}.Execute(t)
-	}
-	if errors.Is(err, tpm2.TPMRCInitialize) {
-		if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(t); err != nil {
-			return fmt.Errorf("startup: %w", err)
-		}
-		return nil
-	}
-	return err
-}
-
 func (p *Provider) createSRK(t transport.TPM) (*storageKey, error) {
 	rp, err := tpm2.ReadPublic{ObjectHandle: srkHandle}.Execute(t)
 	if errors.Is(err, tpm2.TPMRCInitialize) {
