@@ -62,7 +62,8 @@ func (o *options) saveNodeState(env *kleidi.Envelope) error {
 		return fmt.Errorf("state directory: %w", err)
 	}
 	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err == nil {
+	_, err = f.Write(b)
+	if err == nil {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
