@@ -9,14 +9,31 @@ import (
 // unwrap it, and it never sees the data the KEK protects. The [Envelope] calls Unwrap at most once per KEK and
 // process, so a provider may be slow.
 //
-// Implementations are safe for concurrent use and prove it at compile time:
+// The contract, which the conformance suite kleiditest.TestProvider checks:
+//   - Name matches [a-z0-9]{1,16} and never changes.
+//   - Wrap refuses an empty key with an error; it may refuse a key larger than it supports, but what it wraps,
+//     Unwrap returns byte for byte, as often as asked. A wrapped key holds no byte of the key in clear and is at
+//     most [MaxWrappedKeySize] bytes.
+//   - Unwrap of a blob it did not make, or that was altered, truncated, empty or oversized, fails with an error
+//     wrapping [ErrUnwrap], never a panic, and never returns a key.
+//   - When the root of trust cannot be reached (a device gone, a network partition, a token removed), Unwrap and
+//     Health fail with errors wrapping [ErrUnavailable], not [ErrUnwrap]: the Envelope then retries within a
+//     second and the KMS server answers Unavailable rather than Internal. A raw network or driver error must be
+//     wrapped so. The same provider works again once the root is back, without being recreated.
+//   - A cancelled or expired context makes a call return promptly with an error wrapping ctx.Err().
+//   - No error, and no String or GoString output, holds a key, a passphrase or a PIN.
+//   - Every method is safe for concurrent use. After Close, Wrap and Unwrap fail with errors wrapping
+//     [ErrClosed] and Health with an error; Close is idempotent and returns nil the second time.
+//
+// Implementations prove the interface at compile time:
 //
 //	var _ kleidi.Provider = (*Provider)(nil)
 //
-// and pass the conformance suite kleiditest.TestProvider.
+// A provider around a root that encrypts and decrypts bytes (a KMS, an HSM key) gets all of the above from
+// [NewAEADProvider]. Optional capabilities: [Authenticator] (ciphertexts that carry their KEK) and [Node] (a
+// keyring shared by several nodes).
 type Provider interface {
 	// Name is a short lower-case name ("tpm", "gpg") used in key IDs, metrics and audit records.
-	// It matches [a-z0-9]{1,16} and never changes.
 	Name() string
 	// Wrap protects key so that only this root of trust can recover it.
 	Wrap(ctx context.Context, key []byte) ([]byte, error)

@@ -30,8 +30,16 @@ import (
 // another message, an altered, truncated, empty, oversized or random proof, or an unkeyed SHA-256 of the message,
 // is refused with an error wrapping
 // [kleidi.ErrUnauthenticated].
-func TestProvider(t *testing.T, newProvider func(t *testing.T) kleidi.Provider) {
+//
+// With [WithOutage], it also checks that while the root of trust is away, Unwrap and Health fail with errors
+// wrapping [kleidi.ErrUnavailable] (so the Envelope retries soon and the server answers Unavailable, not
+// Internal), and that the same provider works again once the root is back.
+func TestProvider(t *testing.T, newProvider func(t *testing.T) kleidi.Provider, opts ...Option) {
 	t.Helper()
+	var cfg config
+	for _, o := range opts {
+		o(&cfg)
+	}
 	run := func(name string, f func(t *testing.T, p kleidi.Provider)) {
 		t.Run(name, func(t *testing.T) {
 			p := newProvider(t)
@@ -225,6 +233,31 @@ func TestProvider(t *testing.T, newProvider func(t *testing.T) kleidi.Provider) 
 		}
 	})
 
+	run("Outage", func(t *testing.T, p kleidi.Provider) {
+		if cfg.outage == nil {
+			t.Skip("no outage hook: pass kleiditest.WithOutage to prove the provider reports kleidi.ErrUnavailable")
+		}
+		key := randomKey(t)
+		wrapped, err := p.Wrap(ctx, key)
+		if err != nil {
+			t.Fatalf("p.Wrap(ctx, key) err = %v, want nil", err)
+		}
+		restore := cfg.outage(t, p)
+		if got, err := p.Unwrap(ctx, wrapped); !errors.Is(err, kleidi.ErrUnavailable) || errors.Is(err, kleidi.ErrUnwrap) || got != nil {
+			t.Errorf("p.Unwrap(ctx, wrapped) with the root away = %d bytes, %v; want an error wrapping kleidi.ErrUnavailable, not kleidi.ErrUnwrap", len(got), err)
+		}
+		if err := p.Health(ctx); !errors.Is(err, kleidi.ErrUnavailable) {
+			t.Errorf("p.Health(ctx) with the root away = %v, want an error wrapping kleidi.ErrUnavailable", err)
+		}
+		restore()
+		if got, err := p.Unwrap(ctx, wrapped); err != nil || !bytes.Equal(got, key) {
+			t.Errorf("p.Unwrap(ctx, wrapped) once the root is back err = %v, want nil (without a new provider)", err)
+		}
+		if err := p.Health(ctx); err != nil {
+			t.Errorf("p.Health(ctx) once the root is back = %v, want nil", err)
+		}
+	})
+
 	run("Close", func(t *testing.T, p kleidi.Provider) {
 		key := randomKey(t)
 		wrapped, err := p.Wrap(ctx, key)
@@ -279,4 +312,17 @@ func assertNoSecret(t *testing.T, text string, secret []byte) {
 			return
 		}
 	}
+}
+
+// Option configures [TestProvider].
+type Option func(*config)
+
+type config struct {
+	outage func(t *testing.T, p kleidi.Provider) (restore func())
+}
+
+// WithOutage gives [TestProvider] a way to take the provider's root of trust away (stop the TPM emulator, the
+// KMS endpoint, remove the token): cut does it and returns restore, which brings the root back.
+func WithOutage(cut func(t *testing.T, p kleidi.Provider) (restore func())) Option {
+	return func(c *config) { c.outage = cut }
 }

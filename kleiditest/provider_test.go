@@ -8,7 +8,15 @@ import (
 )
 
 func TestInsecureProviderConformance(t *testing.T) {
-	kleiditest.TestProvider(t, func(t *testing.T) kleidi.Provider { return kleiditest.NewInsecureProvider() })
+	kleiditest.TestProvider(t, func(t *testing.T) kleidi.Provider { return kleiditest.NewInsecureProvider() },
+		kleiditest.WithOutage(func(t *testing.T, p kleidi.Provider) func() {
+			p.(*kleiditest.Provider).SetError(kleiditest.OpUnwrap, kleidi.ErrUnavailable)
+			p.(*kleiditest.Provider).SetError(kleiditest.OpHealth, kleidi.ErrUnavailable)
+			return func() {
+				p.(*kleiditest.Provider).SetError(kleiditest.OpUnwrap, nil)
+				p.(*kleiditest.Provider).SetError(kleiditest.OpHealth, nil)
+			}
+		}))
 }
 
 func TestInsecureNodeConformance(t *testing.T) {

@@ -140,7 +140,10 @@ func TestConformanceSwtpm(t *testing.T) {
 	s := startSwtpm(t, false, swtpmFlags)
 	kleiditest.TestProvider(t, func(t *testing.T) kleidi.Provider {
 		return newSwtpmProvider(t, s, Config{PCRs: []int{7}})
-	})
+	}, kleiditest.WithOutage(func(t *testing.T, _ kleidi.Provider) func() {
+		s.kill() // swtpm stopped; its state stays on disk
+		return s.start
+	}))
 	// Every provider flushed what it loaded, its SRK included.
 	p := newSwtpmProvider(t, s, Config{})
 	assertNoHandles(t, p)
