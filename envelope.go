@@ -43,6 +43,10 @@ type Envelope struct {
 	unwrapTimeout time.Duration
 	createIfEmpty bool
 	usageLimit    uint64
+	// reloadEvery is the least time between two reloads a Decrypt of an unknown key makes (0: none); lastReload
+	// is when the last one started, in Unix nanoseconds.
+	reloadEvery time.Duration
+	lastReload  atomic.Int64
 
 	// Members of a keyring shared by several roots (see [Member]); node is nil unless the provider is a [Node].
 	node    Node
@@ -131,6 +135,20 @@ func WithKeyUsageLimit(n uint64) Option {
 			return fmt.Errorf("kleidi: key usage limit %d must be 1 to %d", n, uint64(MaxEncryptionsPerKey))
 		}
 		e.usageLimit = n
+		return nil
+	}
+}
+
+// WithReloadOnUnknownKey makes Decrypt read the keyring again when a ciphertext names a key the Envelope does not
+// know, at most once per minInterval, so a process sees the keys another process added (a rotation by a command
+// or by another node) without calling [Envelope.Reload] itself. Without it, such a ciphertext decrypts only from its
+// attached key, or fails with [ErrUnknownKey] until the next Reload.
+func WithReloadOnUnknownKey(minInterval time.Duration) Option {
+	return func(e *Envelope) error {
+		if minInterval <= 0 {
+			return fmt.Errorf("kleidi: reload interval %v must be positive", minInterval)
+		}
+		e.reloadEvery = minInterval
 		return nil
 	}
 }
@@ -303,7 +321,9 @@ func (e *Envelope) Encrypt(ctx context.Context, plaintext, associatedData []byte
 // verify (else [ErrUnauthenticated], and the provider is not called) and which must unwrap to the key c names
 // (else [ErrKeyMismatch]). Attached keys of format version 1, which carried no proof, are never unwrapped: a
 // ciphertext that has one decrypts only while its KEK is in the keyring. A key found in neither gives
-// [ErrUnknownKey]; altered data or associated data gives [ErrDecrypt].
+// [ErrUnknownKey]; altered data or associated data gives [ErrDecrypt]. An Envelope reads its keyring only at
+// NewEnvelope and [Envelope.Reload], so a key another process added since is unknown to it until then: pass
+// [WithReloadOnUnknownKey] to have Decrypt reload by itself.
 func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []byte) ([]byte, error) {
 	if c == nil || len(c.raw) == 0 {
 		return nil, fmt.Errorf("kleidi: decrypt: %w: empty", ErrInvalidCiphertext)
@@ -330,6 +350,13 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 
 // kek unwraps KEK id, not yet in memory, from the keyring's copies or else from the attached key.
 func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, error) {
+	if _, ok := (*e.records.Load())[id]; !ok && e.mayReload() {
+		if err := e.Reload(ctx); err == nil {
+			if k := (*e.keys.Load())[id]; k != nil {
+				return k, nil
+			}
+		}
+	}
 	if r, ok := (*e.records.Load())[id]; ok {
 		own, shared, err := e.copiesFor(ctx, r, e.trust.Load().members)
 		if err != nil {
@@ -352,6 +379,16 @@ func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, e
 		return nil, fmt.Errorf("key %s: attached key: %w", id, err)
 	}
 	return e.unwrapShared(ctx, id, [][]byte{blob}, true)
+}
+
+// mayReload reports whether a Decrypt of an unknown key may read the keyring now (see [WithReloadOnUnknownKey]),
+// and if so takes the turn.
+func (e *Envelope) mayReload() bool {
+	if e.reloadEvery <= 0 {
+		return false
+	}
+	now, last := time.Now().UnixNano(), e.lastReload.Load()
+	return now-last >= int64(e.reloadEvery) && e.lastReload.CompareAndSwap(last, now)
 }
 
 // copiesFor returns the blobs of r's copies that this Envelope's root may unwrap, its own first: own, the copies

@@ -2,6 +2,7 @@ package kleidi_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -11,7 +12,9 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/kleiditest"
@@ -197,5 +200,62 @@ func TestNothingSecretInOutput(t *testing.T) {
 				t.Errorf("output holds a secret: %s", text)
 			}
 		}
+	}
+}
+
+// countingRing counts the loads of a keyring.
+type countingRing struct {
+	kleidi.Keyring
+	loads atomic.Int32
+}
+
+func (c *countingRing) Load(ctx context.Context) (kleidi.Ring, error) {
+	c.loads.Add(1)
+	return c.Keyring.Load(ctx)
+}
+
+// Another process rotates; a reader that never calls Reload sees the new key through WithReloadOnUnknownKey,
+// reading the keyring at most once per interval however many unknown keys arrive.
+func TestReloadOnUnknownKey(t *testing.T) {
+	p, err := kleidi.NewAEADProvider("filekey", newGCMRoot(t)) // not an Authenticator: no attached key helps
+	if err != nil {
+		t.Fatal(err)
+	}
+	ring := fileRing(t)
+	writer := newEnvelope(t, p, ring)
+	plain, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(ring.Path()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	counted := &countingRing{Keyring: kleidi.NewFileKeyring(ring.Path())}
+	reader, err := kleidi.NewEnvelope(ctx, p, counted, kleidi.WithReloadOnUnknownKey(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := writer.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c, err := writer.Encrypt(ctx, []byte("after the rotation"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := plain.Decrypt(ctx, c, nil); !errors.Is(err, kleidi.ErrUnknownKey) {
+		t.Errorf("Decrypt(new key) without reload err = %v, want kleidi.ErrUnknownKey", err)
+	}
+	loads := counted.loads.Load()
+	if got, err := reader.Decrypt(ctx, c, nil); err != nil || string(got) != "after the rotation" {
+		t.Fatalf("Decrypt(new key) with WithReloadOnUnknownKey = %q, %v", got, err)
+	}
+	if reader.KeyID() != writer.KeyID() {
+		t.Errorf("the reload did not switch the active key")
+	}
+	// A flood of unknown keys within the interval reads the keyring no more.
+	_, forged := kleiditest.ForgeCiphertext("filekey", bytes.Repeat([]byte{9}, kleidi.KeySize), []byte("x"))
+	f, _ := kleidi.ParseCiphertext(forged)
+	for range 100 {
+		reader.Decrypt(ctx, f, nil)
+	}
+	if n := counted.loads.Load() - loads; n != 1 {
+		t.Errorf("%d keyring loads for one new key and 100 unknown ones within the interval, want 1", n)
 	}
 }
