@@ -5,9 +5,13 @@ STATICCHECK ?= $(shell $(GO) env GOPATH)/bin/staticcheck
 # kube-apiserver's KMS client, the end-to-end tests, and the load tool.
 TEST_MODULES := $(dir $(wildcard test/*/go.mod examples/*/go.mod awskms/go.mod))
 
-.PHONY: test lint unit e2e bench fuzz
+# Packages of the root module whose tests start real components (swtpm and the TPM simulator, SoftHSM, helm, the
+# binaries, systemd units); the rest are unit tests.
+INTEGRATION_PKGS := ./tpm/... ./pkcs11/... ./deploy/...
 
-test: lint unit e2e
+.PHONY: test lint unit integration e2e bench fuzz
+
+test: lint unit integration e2e
 
 lint:
 	@test -z "$$(gofmt -l . | tee /dev/stderr)" || (echo "gofmt: the files above need formatting" && exit 1)
@@ -15,9 +19,13 @@ lint:
 	$(STATICCHECK) ./...
 	set -e; for m in $(TEST_MODULES); do (cd $$m && $(GO) vet ./... && $(STATICCHECK) ./...); done
 
-# Unit, integration and fuzz-seed tests of the library, the providers and the server, with the race detector.
+# Unit and fuzz-seed tests of the library, the gpg provider and the server, with the race detector.
 unit:
-	$(GO) test -race -count=1 -timeout 15m ./...
+	$(GO) test -race -count=1 -timeout 15m $$($(GO) list ./... | grep -v -e /tpm -e /pkcs11 -e /deploy)
+
+# Tests of the root module against real components: the TPM providers, PKCS#11, the deployment files.
+integration:
+	$(GO) test -race -count=1 -timeout 15m $(INTEGRATION_PKGS)
 
 # Tests through kube-apiserver's own KMS client (test/kmsclient), end-to-end tests against a real kube-apiserver
 # and etcd (test/e2e, -v for each scenario's wall time), and the load tool's tests.
