@@ -10,7 +10,10 @@
 //	/dev/tpm0                the raw device (no other process may use the TPM meanwhile)
 //	tcp://127.0.0.1:2321     swtpm, or the TCG reference simulator (its platform port is 2322)
 //	unix:///run/swtpm/sock   swtpm with --server type=unixio
-//	simulator                the in-process reference simulator, for tests and demos (cgo builds only)
+//
+// [Config.Open] takes the place of the path for any other transport: tpmsim.Open (package tpm/tpmsim, cgo builds
+// only) is the in-process reference simulator, for tests and demos, kept out of this package so that importing it
+// never links the simulator.
 //
 // The in-process simulator is manufactured afresh when a provider opens it and destroyed by [Provider.Close],
 // so nothing it sealed survives the provider; a process runs one at a time (a second open fails). A binary built

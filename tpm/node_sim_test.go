@@ -129,7 +129,7 @@ func TestSimulatorIdentityAcrossReboot(t *testing.T) {
 	id := identity(t, p)
 	key := randomKey(t)
 	wrapped := wrapFor(t, id, key)
-	if err := sim(t, p).sim.Reset(); err != nil {
+	if err := sim(t, p).Reset(); err != nil {
 		t.Fatalf("simulator Reset() = %v", err)
 	}
 	if err := p.Health(ctx); err != nil {

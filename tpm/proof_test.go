@@ -16,6 +16,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/tpm/tpmsim"
 )
 
 func prove(t testing.TB, p *Provider, message []byte) []byte {
@@ -107,7 +108,7 @@ func TestProofKeyBoundToTPMAndPolicy(t *testing.T) {
 	}
 
 	// A reboot keeps the proof key.
-	if err := sim(t, p).sim.Reset(); err != nil {
+	if err := sim(t, p).Reset(); err != nil {
 		t.Fatalf("simulator Reset() = %v", err)
 	}
 	rebooted := newSimProviderShared(t, p, cfg)
@@ -143,7 +144,7 @@ func TestProofKeyClearedTPM(t *testing.T) {
 	msg := []byte("a wrapped key")
 	p := newSimProvider(t, Config{})
 	proof := prove(t, p, msg)
-	if err := sim(t, p).sim.ManufactureReset(); err != nil {
+	if err := sim(t, p).ManufactureReset(); err != nil {
 		t.Fatalf("simulator ManufactureReset() = %v", err)
 	}
 	q := newSimProviderShared(t, p, Config{})
@@ -278,7 +279,7 @@ func TestProofErrorsHoldNoSecret(t *testing.T) {
 // FuzzVerify checks that Verify, which runs on untrusted bytes, never panics and accepts only the proof Prove
 // gives.
 func FuzzVerify(f *testing.F) {
-	p, err := New(context.Background(), Config{Path: SimulatorPath, PCRs: []int{7}})
+	p, err := New(context.Background(), Config{Open: tpmsim.Open, PCRs: []int{7}})
 	if err != nil {
 		f.Fatalf("New(ctx, simulator) err = %v, want nil", err)
 	}

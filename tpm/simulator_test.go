@@ -14,12 +14,13 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/kleiditest"
+	"github.com/kleidi-kms/kleidi/tpm/tpmsim"
 )
 
 // newSimProvider returns a provider on a fresh in-process simulator, closed at the end of the test.
 func newSimProvider(t testing.TB, cfg Config) *Provider {
 	t.Helper()
-	cfg.Path = SimulatorPath
+	cfg.Open = tpmsim.Open
 	p, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("New(ctx, %+v) err = %v, want nil", cfg, err)
@@ -29,13 +30,13 @@ func newSimProvider(t testing.TB, cfg Config) *Provider {
 }
 
 // sim returns the in-process simulator behind p.
-func sim(t testing.TB, p *Provider) *simTPM {
+func sim(t testing.TB, p *Provider) *tpmsim.TPM {
 	t.Helper()
-	var s *simTPM
+	var s *tpmsim.TPM
 	withTPM(t, p, func(tp transport.TPM) {
-		c, ok := tp.(*simTPM)
+		c, ok := tp.(*tpmsim.TPM)
 		if !ok {
-			t.Fatalf("provider transport is %T, want *simTPM", tp)
+			t.Fatalf("provider transport is %T, want *tpmsim.TPM", tp)
 		}
 		s = c
 	})
@@ -57,7 +58,7 @@ func TestConformanceSimulatorPCRAndAuth(t *testing.T) {
 
 func TestSimulatorSecondOpenFails(t *testing.T) {
 	newSimProvider(t, Config{})
-	if p, err := New(context.Background(), Config{Path: SimulatorPath}); err == nil {
+	if p, err := New(context.Background(), Config{Open: tpmsim.Open}); err == nil {
 		p.Close()
 		t.Fatalf("second New(ctx, simulator) err = nil, want an error")
 	}
@@ -80,7 +81,7 @@ func TestReboot(t *testing.T) {
 				keys, blobs = append(keys, k), append(blobs, w)
 			}
 			for reboot := range 2 {
-				if err := sim(t, p).sim.Reset(); err != nil {
+				if err := sim(t, p).Reset(); err != nil {
 					t.Fatalf("simulator Reset() = %v", err)
 				}
 				if reboot == 1 {
@@ -110,7 +111,7 @@ func TestClear(t *testing.T) {
 	ctx := context.Background()
 	p := newSimProvider(t, Config{})
 	_, blob := wrapUnwrap(t, p)
-	if err := sim(t, p).sim.ManufactureReset(); err != nil {
+	if err := sim(t, p).ManufactureReset(); err != nil {
 		t.Fatalf("simulator ManufactureReset() = %v", err)
 	}
 	got, err := p.Unwrap(ctx, blob)
@@ -222,12 +223,12 @@ func TestAuthValue(t *testing.T) {
 
 func TestAuthFileErrors(t *testing.T) {
 	for name, content := range map[string]string{"empty": "", "newline only": "\n", "too long": strings.Repeat("a", MaxAuthSize+1)} {
-		_, err := New(context.Background(), Config{Path: SimulatorPath, AuthFile: writeAuthFile(t, content)})
+		_, err := New(context.Background(), Config{Open: tpmsim.Open, AuthFile: writeAuthFile(t, content)})
 		if err == nil {
 			t.Errorf("New(ctx, auth file %s) err = nil, want an error", name)
 		}
 	}
-	if _, err := New(context.Background(), Config{Path: SimulatorPath, AuthFile: filepath.Join(t.TempDir(), "missing")}); err == nil {
+	if _, err := New(context.Background(), Config{Open: tpmsim.Open, AuthFile: filepath.Join(t.TempDir(), "missing")}); err == nil {
 		t.Errorf("New(ctx, missing auth file) err = nil, want an error")
 	}
 }
@@ -237,12 +238,12 @@ func TestConfigErrors(t *testing.T) {
 		{Path: "nonsense"},
 		{Path: "tcp://127.0.0.1"},
 		{Path: "unix://"},
-		{Path: SimulatorPath, PCRs: []int{24}},
-		{Path: SimulatorPath, PCRs: []int{-1}},
-		{Path: SimulatorPath, SRKName: "zz"},
-		{Path: SimulatorPath, SRKName: "000b"},
-		{Path: SimulatorPath, SRKName: "0004" + strings.Repeat("00", 32)},
-		{Path: SimulatorPath, SRKName: "000b" + strings.Repeat("00", 32)}, // well formed, not this TPM's
+		{Open: tpmsim.Open, PCRs: []int{24}},
+		{Open: tpmsim.Open, PCRs: []int{-1}},
+		{Open: tpmsim.Open, SRKName: "zz"},
+		{Open: tpmsim.Open, SRKName: "000b"},
+		{Open: tpmsim.Open, SRKName: "0004" + strings.Repeat("00", 32)},
+		{Open: tpmsim.Open, SRKName: "000b" + strings.Repeat("00", 32)}, // well formed, not this TPM's
 	} {
 		if p, err := New(context.Background(), cfg); err == nil {
 			p.Close()
@@ -282,7 +283,7 @@ func TestNoHandleLeak(t *testing.T) {
 	// Close flushes the SRK too.
 	var tp transport.TPM
 	withTPM(t, p, func(c transport.TPM) { tp = c })
-	s := tp.(*simTPM)
+	s := tp.(*tpmsim.TPM)
 	q := newSimProviderShared(t, p, Config{})
 	q.Close()
 	objects, _ := countHandles(t, s)
@@ -335,7 +336,7 @@ func TestParsePCRs(t *testing.T) {
 }
 
 func BenchmarkSimulator(b *testing.B) {
-	benchmarkProvider(b, openSimulator, false)
+	benchmarkProvider(b, tpmsim.Open, false)
 }
 
 func TestNodeConformanceSimulator(t *testing.T) {
@@ -343,4 +344,12 @@ func TestNodeConformanceSimulator(t *testing.T) {
 	kleiditest.TestNode(t, func(t *testing.T) kleidi.Provider {
 		return newSimProvider(t, Config{PCRs: []int{7}, AuthFile: authFile})
 	}, OpenRecipient)
+}
+
+// The path "simulator" says where the simulator went, rather than failing as an unknown device.
+func TestSimulatorPathPointsToTpmsim(t *testing.T) {
+	_, err := New(context.Background(), Config{Path: "simulator"})
+	if err == nil || !strings.Contains(err.Error(), "tpmsim.Open") {
+		t.Errorf(`New(Config{Path: "simulator"}) err = %v, want a pointer to tpmsim.Open`, err)
+	}
 }

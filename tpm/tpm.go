@@ -47,10 +47,12 @@ type Config struct {
 	// Path is the TPM to use:
 	//   - a character device: "/dev/tpmrm0" (the default, the kernel's resource manager) or "/dev/tpm0";
 	//   - "tcp://127.0.0.1:2321": swtpm or the TCG reference simulator (its platform port is the next port);
-	//   - "unix:///run/swtpm/sock": swtpm's unixio server;
-	//   - "simulator": the in-process simulator, for tests and demos (cgo builds only; its state dies with
-	//     the provider, so keys it sealed cannot be unwrapped after Close).
+	//   - "unix:///run/swtpm/sock": swtpm's unixio server.
 	Path string
+	// Open, when set, connects to the TPM instead of Path: tpmsim.Open for the in-process simulator (package
+	// tpm/tpmsim, for tests and demos; its state dies with the provider), or any transport of go-tpm. The
+	// provider keeps the connection, and opens it again after a failure.
+	Open func() (transport.TPMCloser, error)
 	// PCRs are the SHA-256 PCRs (0 to 23) new keys are bound to: they unseal only while these PCRs hold the
 	// values they had when Wrap ran. Empty: no binding. Unwrap accepts only keys bound to exactly these PCRs
 	// (none when empty), with the values they hold now, and the proof key of [Provider.Prove] depends on them too.
@@ -106,6 +108,9 @@ type storageKey struct {
 // New connects to the TPM that cfg names and sets up its storage root key. It fails if the TPM cannot be reached,
 // if a PCR is out of range, or if the auth file is unreadable or of a bad size.
 func New(ctx context.Context, cfg Config) (*Provider, error) {
+	if cfg.Open != nil {
+		return newProvider(ctx, cfg, cfg.Open, false)
+	}
 	path := cfg.Path
 	if path == "" {
 		path = DefaultPath

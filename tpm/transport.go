@@ -18,9 +18,6 @@ import (
 // DefaultPath is the TPM a zero [Config] uses: the Linux kernel's resource manager.
 const DefaultPath = "/dev/tpmrm0"
 
-// SimulatorPath selects the in-process TPM simulator (cgo builds only).
-const SimulatorPath = "simulator"
-
 const (
 	// ioTimeout bounds one command over a socket, so a hung TPM emulator cannot hold the provider forever.
 	ioTimeout = 30 * time.Second
@@ -43,8 +40,8 @@ type opener func() (transport.TPMCloser, error)
 // connected would lock every other process out.
 func newOpener(path string) (open opener, perOp bool, err error) {
 	switch {
-	case path == SimulatorPath:
-		return openSimulator, false, nil
+	case path == "simulator":
+		return nil, false, errors.New(`tpm: path "simulator": the in-process simulator is package tpm/tpmsim: set Config.Open to tpmsim.Open`)
 	case strings.HasPrefix(path, "tcp://"):
 		addr := strings.TrimPrefix(path, "tcp://")
 		host, port, err := net.SplitHostPort(addr)
@@ -72,8 +69,7 @@ func newOpener(path string) (open opener, perOp bool, err error) {
 			return t, err
 		}, false, nil
 	}
-	return nil, false, fmt.Errorf("tpm: path %q: want a device path (/dev/tpmrm0), tcp://host:port, unix:///path or %q",
-		path, SimulatorPath)
+	return nil, false, fmt.Errorf("tpm: path %q: want a device path (/dev/tpmrm0), tcp://host:port or unix:///path", path)
 }
 
 // socketTPM speaks to a TPM emulator over a stream socket. Over TCP it uses the TPM simulator protocol that swtpm

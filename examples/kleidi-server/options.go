@@ -23,6 +23,7 @@ import (
 	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/pkcs11"
 	"github.com/kleidi-kms/kleidi/tpm"
+	"github.com/kleidi-kms/kleidi/tpm/tpmsim"
 )
 
 // keyringFile is the keyring's name in the state directory.
@@ -373,7 +374,11 @@ func (o *options) openProvider(ctx context.Context) (kleidi.Provider, error) {
 		if err != nil {
 			return nil, err
 		}
-		return tpm.New(ctx, tpm.Config{Path: o.tpmPath, PCRs: pcrs, AuthFile: o.tpmAuthFile, SRKName: srk})
+		cfg := tpm.Config{Path: o.tpmPath, PCRs: pcrs, AuthFile: o.tpmAuthFile, SRKName: srk}
+		if o.tpmPath == "simulator" {
+			cfg.Open = tpmsim.Open // the in-process simulator, for tests and demos
+		}
+		return tpm.New(ctx, cfg)
 	case "pkcs11":
 		c := pkcs11.Config{Module: o.pkcs11Module, Token: o.pkcs11Token, PINFile: o.pkcs11PINFile, CreateKeys: isExplicitInit(ctx)}
 		if v, ok := strings.CutPrefix(o.pkcs11Key, "id:"); ok {

@@ -1,6 +1,12 @@
 //go:build cgo
 
-package tpm
+// Package tpmsim is the in-process TPM 2.0 reference simulator as a transport for package tpm, for tests and
+// demos: tpm.Config{Open: tpmsim.Open}. It is a package of its own so that a program importing package tpm does not
+// link the simulator (C code, cgo builds only) unless it asks for it.
+//
+// The simulator is manufactured afresh at Open and destroyed at Close, so nothing it sealed survives it; a process
+// runs one at a time (a second Open fails). Everything is lost at Close: never use it for real keys.
+package tpmsim
 
 import (
 	"errors"
@@ -11,43 +17,49 @@ import (
 	"github.com/google/go-tpm/tpmutil"
 )
 
-// simMu guards simOpen: the reference simulator is a C library with global state, so a process runs one at a time.
+// mu guards open: the reference simulator is a C library with global state, so a process runs one at a time.
 var (
-	simMu   sync.Mutex
-	simOpen bool
+	mu   sync.Mutex
+	open bool
 )
 
-// simTPM is a connection to the in-process simulator.
-type simTPM struct {
+// TPM is a connection to the in-process simulator.
+type TPM struct {
 	sim *simulator.Simulator
 }
 
-// openSimulator starts a freshly manufactured in-process simulator. Only one may be open per process; a second
-// open fails instead of waiting.
-func openSimulator() (transport.TPMCloser, error) {
-	simMu.Lock()
-	defer simMu.Unlock()
-	if simOpen {
-		return nil, errors.New("tpm: the in-process simulator is already in use (one per process)")
+// Open starts a freshly manufactured in-process simulator. Only one may be open per process; a second Open fails
+// instead of waiting.
+func Open() (transport.TPMCloser, error) {
+	mu.Lock()
+	defer mu.Unlock()
+	if open {
+		return nil, errors.New("tpmsim: the in-process simulator is already in use (one per process)")
 	}
 	sim, err := simulator.Get()
 	if err != nil {
 		return nil, err
 	}
-	simOpen = true
-	return &simTPM{sim: sim}, nil
+	open = true
+	return &TPM{sim: sim}, nil
 }
 
 // Send implements transport.TPM.
-func (s *simTPM) Send(cmd []byte) ([]byte, error) { return tpmutil.RunCommandRaw(s.sim, cmd) }
+func (s *TPM) Send(cmd []byte) ([]byte, error) { return tpmutil.RunCommandRaw(s.sim, cmd) }
+
+// Reset restarts the simulator as a reboot does: PCRs and transient objects go, the seeds and NV stay.
+func (s *TPM) Reset() error { return s.sim.Reset() }
+
+// ManufactureReset clears the simulator as a new chip: new seeds, so every key sealed before is gone.
+func (s *TPM) ManufactureReset() error { return s.sim.ManufactureReset() }
 
 // Close implements transport.TPMCloser. It destroys the simulated TPM and everything sealed by it.
-func (s *simTPM) Close() error {
-	simMu.Lock()
-	defer simMu.Unlock()
+func (s *TPM) Close() error {
+	mu.Lock()
+	defer mu.Unlock()
 	if s.sim.IsClosed() {
 		return nil
 	}
-	simOpen = false
+	open = false
 	return s.sim.Close()
 }

@@ -1,6 +1,6 @@
 //go:build !cgo
 
-package tpm
+package tpmsim
 
 import (
 	"errors"
@@ -8,6 +8,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 )
 
-func openSimulator() (transport.TPMCloser, error) {
-	return nil, errors.New("tpm: the in-process simulator needs a cgo build (this binary was built with CGO_ENABLED=0)")
+// Open fails: the in-process simulator is C code, and this binary was built with CGO_ENABLED=0.
+func Open() (transport.TPMCloser, error) {
+	return nil, errors.New("tpmsim: the in-process simulator needs a cgo build (this binary was built with CGO_ENABLED=0)")
 }
