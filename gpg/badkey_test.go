@@ -31,7 +31,8 @@ func TestNewBadKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	wrong := file("wrong-passphrase", []byte("not the passphrase\n"))
-	t.Setenv("KLEIDI_TEST_WRONG", "not the passphrase either")
+	wrongCallback := func() ([]byte, error) { return []byte("not the passphrase either"), nil }
+	read := func(path string) []byte { return readTestFile(t, path) }
 
 	expired := newTestKey(t, keyOptions{created: time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC), lifetime: 24 * time.Hour})
 	revoked := newTestKey(t, keyOptions{revoked: true, armored: true})
@@ -52,7 +53,7 @@ func TestNewBadKeys(t *testing.T) {
 		{"no encryption subkey", gpg.Config{PublicKeyFiles: []string{signOnly.pub}}, gpg.ErrNoEncryptionKey, signOnly.pub, "may encrypt"},
 		{"no passphrase", gpg.Config{PrivateKeyFile: g.cv.privProtectd}, gpg.ErrPassphraseRequired, g.cv.privProtectd, "passphrase"},
 		{"wrong passphrase file", gpg.Config{PrivateKeyFile: g.cv.privProtectd, PassphraseFile: wrong}, gpg.ErrWrongPassphrase, g.cv.privProtectd, "wrong passphrase"},
-		{"wrong passphrase env", gpg.Config{PrivateKeyFile: g.cv.privProtectd, PassphraseEnv: "KLEIDI_TEST_WRONG"}, gpg.ErrWrongPassphrase, g.cv.privProtectd, "wrong passphrase"},
+		{"wrong passphrase callback", gpg.Config{PrivateKeyFile: g.cv.privProtectd, Passphrase: wrongCallback}, gpg.ErrWrongPassphrase, g.cv.privProtectd, "wrong passphrase"},
 		{"public key as private key", gpg.Config{PrivateKeyFile: g.rsa.pubArmored}, gpg.ErrNotPrivateKey, g.rsa.pubArmored, "public key"},
 		{"garbage", gpg.Config{PublicKeyFiles: []string{file("garbage", garbage)}}, gpg.ErrInvalidKey, filepath.Join(dir, "garbage"), "no OpenPGP key"},
 		{"text", gpg.Config{PrivateKeyFile: file("text", []byte("hello, world\n"))}, gpg.ErrInvalidKey, filepath.Join(dir, "text"), "neither"},
@@ -61,6 +62,17 @@ func TestNewBadKeys(t *testing.T) {
 		{"armored message", gpg.Config{PublicKeyFiles: []string{file("message.asc", []byte("-----BEGIN PGP MESSAGE-----\n\nwy4ECQMI\n=AAAA\n-----END PGP MESSAGE-----\n"))}}, gpg.ErrInvalidKey, filepath.Join(dir, "message.asc"), "PGP MESSAGE"},
 		{"missing file", gpg.Config{PrivateKeyFile: filepath.Join(dir, "missing")}, fs.ErrNotExist, filepath.Join(dir, "missing"), ""},
 		{"private key not a recipient", gpg.Config{PublicKeyFiles: []string{stranger.pub}, PrivateKeyFile: g.cv.privBinary}, gpg.ErrInvalidKey, g.cv.privBinary, "not among the recipients"},
+
+		// Keys from memory: errors name the Config field instead of a file.
+		{"expired recipient in memory", gpg.Config{PublicKeys: [][]byte{read(stranger.pub), read(expired.pub)}}, gpg.ErrKeyExpired, "Config.PublicKeys[1]", "expired on 2020-01-02"},
+		{"revoked private key in memory", gpg.Config{PrivateKey: read(revoked.priv)}, gpg.ErrKeyRevoked, "Config.PrivateKey", "revoked"},
+		{"no passphrase in memory", gpg.Config{PrivateKey: read(g.cv.privProtectd)}, gpg.ErrPassphraseRequired, "Config.PrivateKey", "Config.Passphrase"},
+		{"wrong passphrase in memory", gpg.Config{PrivateKey: read(g.cv.privProtectd), Passphrase: wrongCallback}, gpg.ErrWrongPassphrase, "Config.PrivateKey", "wrong passphrase"},
+		{"public key as PrivateKey", gpg.Config{PrivateKey: read(g.rsa.pubArmored)}, gpg.ErrNotPrivateKey, "Config.PrivateKey", "public key"},
+		{"garbage in memory", gpg.Config{PublicKeys: [][]byte{garbage}}, gpg.ErrInvalidKey, "Config.PublicKeys[0]", "no OpenPGP key"},
+		{"empty in memory", gpg.Config{PrivateKey: []byte{}}, gpg.ErrInvalidKey, "Config.PrivateKey", "empty"},
+		{"too large in memory", gpg.Config{PublicKeys: [][]byte{make([]byte, 8<<20+1)}}, gpg.ErrInvalidKey, "Config.PublicKeys[0]", "larger than"},
+		{"private key in memory not a recipient", gpg.Config{PublicKeys: [][]byte{read(stranger.pub)}, PrivateKey: read(g.cv.privBinary)}, gpg.ErrInvalidKey, "Config.PrivateKey", "not among the recipients"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p, err := gpg.New(tc.config)
@@ -71,7 +83,7 @@ func TestNewBadKeys(t *testing.T) {
 			if !strings.Contains(msg, tc.file) || !strings.Contains(msg, tc.message) {
 				t.Errorf("gpg.New(%+v) err = %q, want it to name %s and say %q", tc.config, msg, tc.file, tc.message)
 			}
-			for _, secret := range []string{gnupgPassphrase, "not the passphrase"} {
+			for _, secret := range []string{gnupgPassphrase, "not the passphrase", "not the passphrase either"} {
 				if strings.Contains(msg, secret) {
 					t.Errorf("gpg.New(%+v) err = %q holds a passphrase", tc.config, msg)
 				}
@@ -80,20 +92,42 @@ func TestNewBadKeys(t *testing.T) {
 	}
 }
 
+// TestNewBadConfig checks that a Config that names no key, two sources of one thing, or an unusable
+// passphrase fails with the sentinel that says so, and never shows the passphrase.
 func TestNewBadConfig(t *testing.T) {
 	k := newTestKey(t, keyOptions{passphrase: gnupgPassphrase})
 	emptyFile := filepath.Join(t.TempDir(), "empty")
 	writeFile(t, emptyFile, nil)
-	for _, c := range []gpg.Config{
-		{},
-		{PrivateKeyFile: k.priv, PassphraseFile: emptyFile, PassphraseEnv: "KLEIDI_TEST_PASSPHRASE"},
-		{PrivateKeyFile: k.priv, PassphraseFile: emptyFile},
-		{PrivateKeyFile: k.priv, PassphraseFile: filepath.Join(t.TempDir(), "missing")},
-		{PrivateKeyFile: k.priv, PassphraseEnv: "KLEIDI_TEST_UNSET_VARIABLE"},
-		{PublicKeyFiles: []string{k.pub}, PassphraseEnv: "KLEIDI_TEST_PASSPHRASE"},
+	passphraseFile := filepath.Join(t.TempDir(), "passphrase")
+	writeFile(t, passphraseFile, []byte(gnupgPassphrase))
+	priv, pub := readTestFile(t, k.priv), readTestFile(t, k.pub)
+	passphrase := func() ([]byte, error) { return []byte(gnupgPassphrase), nil }
+	errVault := errors.New("vault unreachable")
+	for _, tc := range []struct {
+		name   string
+		config gpg.Config
+		want   error
+	}{
+		{"no key", gpg.Config{}, gpg.ErrInvalidKey},
+		{"no key, empty lists", gpg.Config{PublicKeyFiles: []string{}, PublicKeys: [][]byte{}}, gpg.ErrInvalidKey},
+		{"two public key sources", gpg.Config{PublicKeyFiles: []string{k.pub}, PublicKeys: [][]byte{pub}}, gpg.ErrInvalidKey},
+		{"two private key sources", gpg.Config{PrivateKeyFile: k.priv, PrivateKey: priv, Passphrase: passphrase}, gpg.ErrInvalidKey},
+		{"two passphrase sources", gpg.Config{PrivateKey: priv, PassphraseFile: passphraseFile, Passphrase: passphrase}, gpg.ErrInvalidKey},
+		{"passphrase file without a private key", gpg.Config{PublicKeyFiles: []string{k.pub}, PassphraseFile: passphraseFile}, gpg.ErrInvalidKey},
+		{"passphrase callback without a private key", gpg.Config{PublicKeys: [][]byte{pub}, Passphrase: passphrase}, gpg.ErrInvalidKey},
+		{"empty passphrase file", gpg.Config{PrivateKeyFile: k.priv, PassphraseFile: emptyFile}, gpg.ErrPassphraseRequired},
+		{"missing passphrase file", gpg.Config{PrivateKeyFile: k.priv, PassphraseFile: filepath.Join(t.TempDir(), "missing")}, fs.ErrNotExist},
+		{"empty passphrase callback", gpg.Config{PrivateKey: priv, Passphrase: func() ([]byte, error) { return nil, nil }}, gpg.ErrPassphraseRequired},
+		{"failing passphrase callback", gpg.Config{PrivateKey: priv, Passphrase: func() ([]byte, error) { return nil, errVault }}, errVault},
 	} {
-		if p, err := gpg.New(c); err == nil || p != nil {
-			t.Errorf("gpg.New(%+v) = %v, %v; want nil, an error", c, p, err)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := gpg.New(tc.config)
+			if !errors.Is(err, tc.want) || p != nil {
+				t.Fatalf("gpg.New(%+v) = %v, %v; want nil, an error wrapping %v", tc.config, p, err, tc.want)
+			}
+			if strings.Contains(err.Error(), gnupgPassphrase) {
+				t.Errorf("gpg.New(%+v) err = %q holds the passphrase", tc.config, err)
+			}
+		})
 	}
 }

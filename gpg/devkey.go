@@ -1,18 +1,11 @@
 package gpg
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"time"
-
-	"github.com/ProtonMail/go-crypto/openpgp/armor"
-	"github.com/ProtonMail/go-crypto/openpgp/packet"
-	v2 "github.com/ProtonMail/go-crypto/openpgp/v2"
 )
 
 // Files [GenerateDevelopmentKey] writes.
@@ -47,43 +40,19 @@ func GenerateDevelopmentKey(dir string) (Config, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return Config{}, fmt.Errorf("gpg: development key: %w", err)
 	}
-	config := &packet.Config{
-		Algorithm: packet.PubKeyAlgoEdDSA,
-		Curve:     packet.Curve25519,
-		Time:      time.Now,
-	}
-	e, err := v2.NewEntity(DevelopmentKeyName, DevelopmentKeyComment, "", config)
+	priv, pub, err := newKeyPair(DevelopmentKeyName, DevelopmentKeyComment, nil)
 	if err != nil {
 		return Config{}, fmt.Errorf("gpg: development key: %w", err)
 	}
-	defer dropPrivateKeys(e)
-	var pub, priv bytes.Buffer
-	defer clear(priv.Bytes())
-	if err := armored(&pub, v2.PublicKeyType, e.Serialize); err != nil {
-		return Config{}, fmt.Errorf("gpg: development key: %w", err)
-	}
-	if err := armored(&priv, v2.PrivateKeyType, func(w io.Writer) error { return e.SerializePrivateWithoutSigning(w, config) }); err != nil {
-		return Config{}, fmt.Errorf("gpg: development key: %w", err)
-	}
+	defer clear(priv)
 	// The public key first: the private key file, written last, marks a complete pair.
-	if err := writeNew(filepath.Join(dir, DevelopmentPublicKeyFile), pub.Bytes()); err != nil {
+	if err := writeNew(filepath.Join(dir, DevelopmentPublicKeyFile), pub); err != nil {
 		return Config{}, fmt.Errorf("gpg: development key: %w", err)
 	}
-	if err := writeNew(c.PrivateKeyFile, priv.Bytes()); err != nil {
+	if err := writeNew(c.PrivateKeyFile, priv); err != nil {
 		return Config{}, fmt.Errorf("gpg: development key: %w", err)
 	}
 	return c, nil
-}
-
-func armored(buf *bytes.Buffer, blockType string, serialize func(io.Writer) error) error {
-	w, err := armor.Encode(buf, blockType, nil)
-	if err != nil {
-		return err
-	}
-	if err := serialize(w); err != nil {
-		return err
-	}
-	return w.Close()
 }
 
 // writeNew writes data to a new file at path with mode 0600, durably and atomically. If path exists (another

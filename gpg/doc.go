@@ -22,12 +22,25 @@
 // other errors of this package. A key that is valid at start keeps unwrapping when it expires later, but Wrap
 // then refuses it: extend it (gpg --quick-set-expire) and export it again.
 //
+// # Keys in memory
+//
+// A program that keeps its keys elsewhere (a secret store, a smartcard export, a key it made) gives them as
+// bytes instead: [Config.PublicKeys] and [Config.PrivateKey] take what the files would hold, and errors name
+// the field instead of a file. [GenerateKey] makes a key pair protected by a passphrase, in that form:
+//
+//	private, public, err := gpg.GenerateKey("kleidi node-a", passphrase)
+//	p, err := gpg.New(gpg.Config{
+//		PrivateKey: private,
+//		Passphrase: func() ([]byte, error) { return vault.Read("kleidi/node-a") },
+//	})
+//
 // # Passphrases
 //
 // A protected private key is unlocked once, by New, with the passphrase from a file ([Config.PassphraseFile],
-// for example a mounted Kubernetes Secret) or from an environment variable ([Config.PassphraseEnv] names the
-// variable). There is deliberately no way to pass a passphrase on a command line. Close zeroes the unlocked key
-// material that go-crypto exposes.
+// for example a mounted Kubernetes Secret) or from a function ([Config.Passphrase]), whose result New zeroes
+// after use. The package reads no environment variable and takes no passphrase on a command line: a program
+// that keeps the passphrase in its environment reads it in its Passphrase function. Close zeroes the unlocked
+// key material that go-crypto exposes.
 //
 // # Several recipients
 //

@@ -5,13 +5,14 @@ import (
 	"fmt"
 )
 
-// Errors returned by [New] and [GenerateDevelopmentKey] wrap one of these, with the file, the key and the
-// problem for context; compare with [errors.Is]. Errors of Wrap, Unwrap, Health, Prove and Verify wrap the sentinel
-// errors of package kleidi instead (kleidi.ErrUnwrap, kleidi.ErrUnauthenticated, kleidi.ErrClosed), and
+// Errors returned by [New], [GenerateKey] and [GenerateDevelopmentKey] wrap one of these, with the source of
+// the key (a file or a field of [Config]), the key and the problem for context; compare with [errors.Is].
+// Errors of Wrap, Unwrap, Health, Prove and Verify wrap the sentinel errors of package kleidi instead (kleidi.ErrUnwrap, kleidi.ErrUnauthenticated, kleidi.ErrClosed), and
 // ErrNoPrivateKey, ErrNoSigningKey or ErrRecipientRemoved where it applies.
 var (
-	// ErrInvalidKey means a file holds no OpenPGP key this package can read (garbage, a truncated file, an
-	// unsupported or weak algorithm, a key without a valid self-signature), or Config is inconsistent.
+	// ErrInvalidKey means a file or a byte slice holds no OpenPGP key this package can read (garbage, a
+	// truncated file, an unsupported or weak algorithm, a key without a valid self-signature), or Config is
+	// inconsistent (no key, or two sources of the same thing).
 	ErrInvalidKey = errors.New("gpg: invalid key")
 	// ErrKeyExpired means a key, or every encryption subkey it has, is past its expiration date.
 	ErrKeyExpired = errors.New("gpg: key expired")
@@ -25,11 +26,12 @@ var (
 	// ErrNotPublicKey means a key that must be only public, such as a recovery key given to
 	// [RecipientIdentity], holds a private key: its private half must stay offline.
 	ErrNotPublicKey = errors.New("gpg: not a public key")
-	// ErrPassphraseRequired means a private key is protected by a passphrase and Config names none.
+	// ErrPassphraseRequired means a private key is protected by a passphrase and Config names none, or
+	// [GenerateKey] was given an empty passphrase.
 	ErrPassphraseRequired = errors.New("gpg: passphrase required")
 	// ErrWrongPassphrase means the passphrase does not decrypt the private key.
 	ErrWrongPassphrase = errors.New("gpg: wrong passphrase")
-	// ErrNoPrivateKey means the provider was made without Config.PrivateKeyFile: it wraps but cannot unwrap,
+	// ErrNoPrivateKey means the provider was made without a private key: it wraps but cannot unwrap,
 	// and cannot prove (see [Provider.Prove]).
 	ErrNoPrivateKey = errors.New("gpg: no private key configured")
 	// ErrNoSigningKey means the private key has no valid key or subkey that may sign whose private part is
@@ -43,28 +45,28 @@ var (
 	ErrRecipientRemoved = errors.New("gpg: recipient removed")
 )
 
-// keyError is an error about one key file. Its message names the file, the key and the problem, and leaves out
-// the text of the sentinel it wraps, which would only repeat the problem.
+// keyError is an error about one key. Its message names where the key came from, the key and the problem, and
+// leaves out the text of the sentinel it wraps, which would only repeat the problem.
 type keyError struct {
-	file   string // the key file, or "" for a key given as bytes
-	op     string // for a key given as bytes, the operation that failed and ": ", or ""
+	source string // "key file PATH", "Config.PrivateKey", "Config.PublicKeys[i]", or "" for a key given to a function
+	op     string // for a key given to a function, the operation that failed and ": ", or ""
 	key    string // "0x" and the long key ID of the primary key, or "" when no key could be read
 	reason string // what is wrong, without key material
 	err    error  // the sentinel
 }
 
 func (e *keyError) Error() string {
-	if e.file == "" {
-		// A key given as bytes, not as a file: the caller knows where it came from.
+	if e.source == "" {
+		// A key given to a function: the caller knows where it came from.
 		if e.key == "" {
 			return fmt.Sprintf("gpg: %spublic key %s", e.op, e.reason)
 		}
 		return fmt.Sprintf("gpg: %spublic key %s %s", e.op, e.key, e.reason)
 	}
 	if e.key == "" {
-		return fmt.Sprintf("gpg: key file %s: %s", e.file, e.reason)
+		return fmt.Sprintf("gpg: %s: %s", e.source, e.reason)
 	}
-	return fmt.Sprintf("gpg: key file %s: key %s %s", e.file, e.key, e.reason)
+	return fmt.Sprintf("gpg: %s: key %s %s", e.source, e.key, e.reason)
 }
 
 func (e *keyError) Unwrap() error { return e.err }

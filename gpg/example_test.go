@@ -61,3 +61,39 @@ func ExampleNew_multipleRecipients() {
 	defer p.Close()
 	log.Printf("wrapping to %v", p.Recipients())
 }
+
+func ExampleGenerateKey() {
+	// A key pair made in memory, its private half protected by a passphrase the program keeps elsewhere (here
+	// a constant; in production, a secret store).
+	passphrase := func() ([]byte, error) { return []byte("correct horse battery staple"), nil }
+	pass, _ := passphrase()
+	private, public, err := gpg.GenerateKey("kleidi example", pass)
+	if err != nil {
+		log.Fatal(err)
+	}
+	// A node that only wraps needs the public half; the node that unwraps, the private half and its passphrase.
+	wrapper, err := gpg.New(gpg.Config{PublicKeys: [][]byte{public}})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer wrapper.Close()
+	p, err := gpg.New(gpg.Config{PrivateKey: private, Passphrase: passphrase})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+
+	ctx := context.Background()
+	kek := make([]byte, kleidi.KeySize)
+	rand.Read(kek)
+	wrapped, err := wrapper.Wrap(ctx, kek)
+	if err != nil {
+		log.Fatal(err)
+	}
+	unwrapped, err := p.Unwrap(ctx, wrapped)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(bytes.Equal(unwrapped, kek), p.Recipients()[0] == wrapper.Recipients()[0])
+	// Output: true true
+}

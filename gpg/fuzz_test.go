@@ -100,3 +100,35 @@ func FuzzCheckRecipients(f *testing.F) {
 		}
 	})
 }
+
+// FuzzNewKeys feeds arbitrary bytes to New as a public key and as a private key: it never panics, and a key it
+// refuses is refused with one of the sentinels of package gpg, naming the Config field.
+func FuzzNewKeys(f *testing.F) {
+	k1, k2 := newTestKey(f, keyOptions{armored: true}), newTestKey(f, keyOptions{v6: true, passphrase: gnupgPassphrase})
+	for _, path := range []string{k1.pub, k1.priv, k2.pub, k2.priv} {
+		b := readTestFile(f, path)
+		f.Add(b)
+		f.Add(b[:len(b)/2])
+	}
+	f.Add([]byte("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nxjMEZ\n-----END PGP PUBLIC KEY BLOCK-----\n"))
+	f.Add([]byte{0x99, 0, 1, 4})
+	sentinels := []error{gpg.ErrInvalidKey, gpg.ErrKeyExpired, gpg.ErrKeyRevoked, gpg.ErrNoEncryptionKey,
+		gpg.ErrNotPrivateKey, gpg.ErrPassphraseRequired, gpg.ErrWrongPassphrase}
+	passphrase := func() ([]byte, error) { return []byte(gnupgPassphrase), nil }
+	f.Fuzz(func(t *testing.T, data []byte) {
+		for _, c := range []gpg.Config{{PublicKeys: [][]byte{data}}, {PrivateKey: data, Passphrase: passphrase}} {
+			p, err := gpg.New(c)
+			if err == nil {
+				p.Close()
+				continue
+			}
+			known := false
+			for _, s := range sentinels {
+				known = known || errors.Is(err, s)
+			}
+			if !known || p != nil || !strings.Contains(err.Error(), "Config.") {
+				t.Fatalf("gpg.New(%d bytes) = %v, %v; want nil and an error of this package naming the Config field", len(data), p, err)
+			}
+		}
+	})
+}

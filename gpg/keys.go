@@ -52,35 +52,48 @@ func readFile(path string, limit int64) ([]byte, error) {
 	return data, nil
 }
 
-// readKeyFile reads the keys in the file at path, binary (gpg --export) or ASCII-armored (gpg --armor --export).
-func readKeyFile(path string) (v2.EntityList, error) {
-	data, err := readFile(path, maxKeyFileSize)
-	if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
-		return nil, fmt.Errorf("gpg: key file %s: %w", path, pe.Err)
-	}
-	if err != nil {
-		return nil, &keyError{file: path, reason: err.Error(), err: ErrInvalidKey}
-	}
-	defer clear(data) // the entities hold their own copies of every packet
-	return parseKeys(data, path)
+// keySource is where [New] reads keys from: a file, or bytes of a [Config] field.
+type keySource struct {
+	name string // for errors: "key file PATH" or the Config field
+	path string // the file, or "" for data
+	data []byte
 }
 
-// parseKeys reads the keys in data, binary or ASCII-armored. Its errors name file, or "public key" when file
-// is empty.
-func parseKeys(data []byte, path string) (v2.EntityList, error) {
+// readKeys reads the keys of s, binary (gpg --export) or ASCII-armored (gpg --armor --export).
+func readKeys(s keySource) (v2.EntityList, error) {
+	if s.path == "" {
+		if len(s.data) > maxKeyFileSize {
+			return nil, &keyError{source: s.name, reason: fmt.Sprintf("is larger than %d bytes", maxKeyFileSize), err: ErrInvalidKey}
+		}
+		return parseKeys(s.data, s.name)
+	}
+	data, err := readFile(s.path, maxKeyFileSize)
+	if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+		return nil, fmt.Errorf("gpg: %s: %w", s.name, pe.Err)
+	}
+	if err != nil {
+		return nil, &keyError{source: s.name, reason: err.Error(), err: ErrInvalidKey}
+	}
+	defer clear(data) // the entities hold their own copies of every packet
+	return parseKeys(data, s.name)
+}
+
+// parseKeys reads the keys in data, binary or ASCII-armored. Its errors name source, or "public key" when
+// source is empty.
+func parseKeys(data []byte, source string) (v2.EntityList, error) {
 	trimmed := bytes.TrimLeft(data, " \t\r\n")
 	if len(trimmed) == 0 {
-		return nil, &keyError{file: path, reason: "is empty", err: ErrInvalidKey}
+		return nil, &keyError{source: source, reason: "is empty", err: ErrInvalidKey}
 	}
 	var r io.Reader = bytes.NewReader(trimmed)
 	if trimmed[0]&0x80 == 0 {
 		// Every binary OpenPGP packet starts with a byte whose top bit is set: this must be ASCII armor.
 		block, err := armor.Decode(r)
 		if err != nil {
-			return nil, &keyError{file: path, reason: "holds neither a binary OpenPGP key nor an ASCII-armored one", err: ErrInvalidKey}
+			return nil, &keyError{source: source, reason: "holds neither a binary OpenPGP key nor an ASCII-armored one", err: ErrInvalidKey}
 		}
 		if block.Type != v2.PublicKeyType && block.Type != v2.PrivateKeyType {
-			return nil, &keyError{file: path, reason: fmt.Sprintf("holds an armored %.40q block, want %q or %q", block.Type, v2.PublicKeyType, v2.PrivateKeyType), err: ErrInvalidKey}
+			return nil, &keyError{source: source, reason: fmt.Sprintf("holds an armored %.40q block, want %q or %q", block.Type, v2.PublicKeyType, v2.PrivateKeyType), err: ErrInvalidKey}
 		}
 		r = block.Body
 	}
@@ -89,7 +102,7 @@ func parseKeys(data []byte, path string) (v2.EntityList, error) {
 		err = errors.New("no key found")
 	}
 	if err != nil {
-		return nil, &keyError{file: path, reason: "holds no OpenPGP key this package can read: " + err.Error(), err: ErrInvalidKey}
+		return nil, &keyError{source: source, reason: "holds no OpenPGP key this package can read: " + err.Error(), err: ErrInvalidKey}
 	}
 	return keys, nil
 }
@@ -102,9 +115,9 @@ func fingerprint(e *v2.Entity) string { return fmt.Sprintf("%X", e.PrimaryKey.Fi
 
 // checkEncryptionKey returns nil if a message can be encrypted to e at now, or an error that names the problem
 // and wraps ErrKeyRevoked, ErrKeyExpired, ErrNoEncryptionKey or ErrInvalidKey.
-func checkEncryptionKey(path string, e *v2.Entity, now time.Time, config *packet.Config) error {
+func checkEncryptionKey(source string, e *v2.Entity, now time.Time, config *packet.Config) error {
 	fail := func(err error, format string, args ...any) error {
-		return &keyError{file: path, key: keyID(e), reason: fmt.Sprintf(format, args...), err: err}
+		return &keyError{source: source, key: keyID(e), reason: fmt.Sprintf(format, args...), err: err}
 	}
 	if e.Revoked(now) {
 		return fail(ErrKeyRevoked, "is revoked")
@@ -180,9 +193,9 @@ func expiration(pk *packet.PublicKey, sig *packet.Signature) (time.Time, bool) {
 // unlockPrivateKey checks that e holds the private part of at least one encryption key and decrypts it with
 // passphrase if it is protected. It returns an error wrapping ErrNotPrivateKey, ErrPassphraseRequired or
 // ErrWrongPassphrase.
-func unlockPrivateKey(path string, e *v2.Entity, passphrase []byte, config *packet.Config) error {
+func unlockPrivateKey(source string, e *v2.Entity, passphrase []byte, config *packet.Config) error {
 	fail := func(err error, reason string) error {
-		return &keyError{file: path, key: keyID(e), reason: reason, err: err}
+		return &keyError{source: source, key: keyID(e), reason: reason, err: err}
 	}
 	var usable, encrypted int
 	for _, k := range e.DecryptionKeys(0, time.Time{}, config) {
@@ -202,7 +215,7 @@ func unlockPrivateKey(path string, e *v2.Entity, passphrase []byte, config *pack
 	case encrypted == 0:
 		return nil
 	case passphrase == nil:
-		return fail(ErrPassphraseRequired, "is protected by a passphrase; set Config.PassphraseFile or Config.PassphraseEnv")
+		return fail(ErrPassphraseRequired, "is protected by a passphrase; set Config.PassphraseFile or Config.Passphrase")
 	}
 	if err := e.DecryptPrivateKeys(passphrase); err != nil {
 		return fail(ErrWrongPassphrase, "cannot be decrypted with the passphrase given: wrong passphrase")
@@ -264,11 +277,9 @@ func zeroInt(n *big.Int) {
 }
 
 // readPassphrase returns the passphrase Config names, or nil if it names none. A passphrase file may end with
-// one newline, which is not part of the passphrase.
+// one newline, which is not part of the passphrase. The caller zeroes the result.
 func readPassphrase(c Config) ([]byte, error) {
 	switch {
-	case c.PassphraseFile != "" && c.PassphraseEnv != "":
-		return nil, errors.New("gpg: Config.PassphraseFile and Config.PassphraseEnv are both set; set at most one")
 	case c.PassphraseFile != "":
 		data, err := readFile(c.PassphraseFile, maxPassphraseFileSize)
 		if err != nil {
@@ -283,15 +294,19 @@ func readPassphrase(c Config) ([]byte, error) {
 		}
 		clear(data[n:])
 		if n == 0 {
-			return nil, fmt.Errorf("gpg: passphrase file %s is empty", c.PassphraseFile)
+			return nil, fmt.Errorf("gpg: passphrase file %s is empty: %w", c.PassphraseFile, ErrPassphraseRequired)
 		}
 		return data[:n], nil
-	case c.PassphraseEnv != "":
-		v, ok := os.LookupEnv(c.PassphraseEnv)
-		if !ok || v == "" {
-			return nil, fmt.Errorf("gpg: passphrase environment variable %s is not set or empty", c.PassphraseEnv)
+	case c.Passphrase != nil:
+		data, err := c.Passphrase()
+		if err != nil {
+			clear(data)
+			return nil, fmt.Errorf("gpg: Config.Passphrase: %w", err)
 		}
-		return []byte(v), nil
+		if len(data) == 0 {
+			return nil, fmt.Errorf("gpg: Config.Passphrase returned an empty passphrase: %w", ErrPassphraseRequired)
+		}
+		return data, nil
 	}
 	return nil, nil
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,22 +21,75 @@ import (
 // MaxKeySize is the largest key Wrap accepts, in bytes. A KEK is [kleidi.KeySize] bytes.
 const MaxKeySize = 1024
 
-// Config names the files of an OpenPGP [Provider]. Every path is read once, by [New].
+// Config names the keys of an OpenPGP [Provider] and where its passphrase comes from. Each is read once, by
+// [New]. Keys come from files or from memory, not both: at most one of PublicKeyFiles and PublicKeys, at most
+// one of PrivateKeyFile and PrivateKey, and at most one of PassphraseFile and Passphrase is set. Keys are what
+// gpg exports, binary or ASCII-armored. New keeps no reference to the slices of Config.
 type Config struct {
 	// PublicKeyFiles are the recipients: Wrap encrypts to every key in every file, any one of their private
-	// keys unwraps, and Verify accepts the proofs of any of them. A file may hold several keys. If empty, the
-	// keys of PrivateKeyFile are the recipients.
+	// keys unwraps, and Verify accepts the proofs of any of them. A file may hold several keys. If neither
+	// PublicKeyFiles nor PublicKeys is set, the keys of the private key are the recipients.
 	PublicKeyFiles []string
-	// PrivateKeyFile holds the private key Unwrap decrypts with (gpg --export-secret-keys). Optional: without it
-	// the provider only wraps, and Unwrap and Health fail with an error wrapping [ErrNoPrivateKey]. If
-	// PublicKeyFiles is set, the private key must be one of the recipients.
+	// PublicKeys are the recipients as bytes (gpg --export), as PublicKeyFiles are files; each may hold
+	// several keys.
+	PublicKeys [][]byte
+	// PrivateKeyFile holds the private key Unwrap decrypts with (gpg --export-secret-keys). Optional: without a
+	// private key the provider only wraps, and Unwrap and Health fail with an error wrapping [ErrNoPrivateKey].
+	// If recipients are set, the private key must be one of them.
 	PrivateKeyFile string
+	// PrivateKey is the private key as bytes, as PrivateKeyFile is a file. The caller may zero it once New
+	// returns.
+	PrivateKey []byte
 	// PassphraseFile is a file whose content (without one trailing newline) is the passphrase of a protected
 	// private key.
 	PassphraseFile string
-	// PassphraseEnv is the name of an environment variable that holds the passphrase of a protected private
-	// key. At most one of PassphraseFile and PassphraseEnv is set.
-	PassphraseEnv string
+	// Passphrase returns the passphrase of a protected private key. New calls it once and then overwrites the
+	// bytes it returned with zeros, so it returns a copy that New may own. An error it returns is wrapped in
+	// New's; it must not hold the passphrase.
+	Passphrase func() ([]byte, error)
+}
+
+// check returns an error wrapping [ErrInvalidKey] if c names no key, or two sources of one thing.
+func (c Config) check() error {
+	var err error
+	switch {
+	case len(c.PublicKeyFiles) == 0 && len(c.PublicKeys) == 0 && c.PrivateKeyFile == "" && c.PrivateKey == nil:
+		err = errors.New("names no key: set PublicKeyFiles or PublicKeys, PrivateKeyFile or PrivateKey, or both")
+	case len(c.PublicKeyFiles) > 0 && len(c.PublicKeys) > 0:
+		err = errors.New("sets both PublicKeyFiles and PublicKeys; set one")
+	case c.PrivateKeyFile != "" && c.PrivateKey != nil:
+		err = errors.New("sets both PrivateKeyFile and PrivateKey; set one")
+	case c.PassphraseFile != "" && c.Passphrase != nil:
+		err = errors.New("sets both PassphraseFile and Passphrase; set one")
+	case (c.PassphraseFile != "" || c.Passphrase != nil) && c.PrivateKeyFile == "" && c.PrivateKey == nil:
+		err = errors.New("sets a passphrase but no private key")
+	default:
+		return nil
+	}
+	return fmt.Errorf("gpg: Config %w: %w", err, ErrInvalidKey)
+}
+
+// privateKey returns where the private key of c comes from, if c names one.
+func (c Config) privateKey() (keySource, bool) {
+	switch {
+	case c.PrivateKeyFile != "":
+		return keySource{name: "key file " + c.PrivateKeyFile, path: c.PrivateKeyFile}, true
+	case c.PrivateKey != nil:
+		return keySource{name: "Config.PrivateKey", data: c.PrivateKey}, true
+	}
+	return keySource{}, false
+}
+
+// publicKeys returns where the recipients of c come from.
+func (c Config) publicKeys() []keySource {
+	var sources []keySource
+	for _, path := range c.PublicKeyFiles {
+		sources = append(sources, keySource{name: "key file " + path, path: path})
+	}
+	for i, data := range c.PublicKeys {
+		sources = append(sources, keySource{name: fmt.Sprintf("Config.PublicKeys[%d]", i), data: data})
+	}
+	return sources
 }
 
 // Provider is a [kleidi.Provider] whose root of trust is an OpenPGP key: Wrap encrypts a key to one or more
@@ -49,8 +101,8 @@ type Provider struct {
 	fingerprint []string
 
 	// Fixed by New and never changed, so that Verify and CheckRecipients need no lock.
-	verifiers    []verifier      // the keys that may sign a proof: every valid signing key of every recipient
-	recipientIDs map[string]bool // every key ID and fingerprint of every recipient, as parseMessage names them
+	verifiers    []verifier        // the keys that may sign a proof: every valid signing key of every recipient
+	recipientIDs map[string]string // every key ID and fingerprint of every recipient, as parseMessage names them -> its primary fingerprint
 
 	mu      sync.Mutex // serialises go-crypto calls, which cache signature checks in the keys, and Close
 	private v2.EntityList
@@ -76,12 +128,12 @@ var pgpConfig = &packet.Config{
 
 // New loads the keys c names and checks them now: every recipient must be valid (not expired, not revoked,
 // with a key that may encrypt), and the private key, if any, must be a private key that the passphrase
-// unlocks. Errors name the file and the key and wrap [ErrInvalidKey], [ErrKeyExpired], [ErrKeyRevoked],
-// [ErrNoEncryptionKey], [ErrNotPrivateKey], [ErrPassphraseRequired] or [ErrWrongPassphrase]; they never
-// contain a passphrase or key material.
+// unlocks. Errors name the source (the file or the Config field) and the key, and wrap [ErrInvalidKey],
+// [ErrKeyExpired], [ErrKeyRevoked], [ErrNoEncryptionKey], [ErrNotPrivateKey], [ErrPassphraseRequired] or
+// [ErrWrongPassphrase]; they never contain a passphrase or key material.
 func New(c Config) (*Provider, error) {
-	if len(c.PublicKeyFiles) == 0 && c.PrivateKeyFile == "" {
-		return nil, errors.New("gpg: Config names no key: set PublicKeyFiles, PrivateKeyFile or both")
+	if err := c.check(); err != nil {
+		return nil, err
 	}
 	now := time.Now()
 	p := &Provider{}
@@ -92,27 +144,26 @@ func New(c Config) (*Provider, error) {
 		}
 	}()
 
-	if c.PrivateKeyFile != "" {
+	private, hasPrivate := c.privateKey()
+	if hasPrivate {
 		passphrase, err := readPassphrase(c)
 		if err != nil {
 			return nil, err
 		}
 		defer clear(passphrase)
-		keys, err := readKeyFile(c.PrivateKeyFile)
+		keys, err := readKeys(private)
 		if err != nil {
 			return nil, err
 		}
 		p.private = keys
 		for _, e := range keys {
-			if err := checkEncryptionKey(c.PrivateKeyFile, e, now, pgpConfig); err != nil {
+			if err := checkEncryptionKey(private.name, e, now, pgpConfig); err != nil {
 				return nil, err
 			}
-			if err := unlockPrivateKey(c.PrivateKeyFile, e, passphrase, pgpConfig); err != nil {
+			if err := unlockPrivateKey(private.name, e, passphrase, pgpConfig); err != nil {
 				return nil, err
 			}
 		}
-	} else if c.PassphraseFile != "" || c.PassphraseEnv != "" {
-		return nil, errors.New("gpg: Config sets a passphrase but no PrivateKeyFile")
 	}
 
 	seen := make(map[string]bool)
@@ -123,31 +174,32 @@ func New(c Config) (*Provider, error) {
 			p.fingerprint = append(p.fingerprint, fp)
 		}
 	}
-	if len(c.PublicKeyFiles) == 0 {
+	public := c.publicKeys()
+	if len(public) == 0 {
 		for _, e := range p.private {
 			add(e)
 		}
 	}
-	for _, path := range c.PublicKeyFiles {
-		keys, err := readKeyFile(path)
+	for _, source := range public {
+		keys, err := readKeys(source)
 		if err != nil {
 			return nil, err
 		}
 		for _, e := range keys {
 			dropPrivateKeys(e) // a recipient needs only its public key
-			if err := checkEncryptionKey(path, e, now, pgpConfig); err != nil {
+			if err := checkEncryptionKey(source.name, e, now, pgpConfig); err != nil {
 				return nil, err
 			}
 			add(e)
 		}
 	}
-	if len(p.private) > 0 && len(c.PublicKeyFiles) > 0 {
+	if len(p.private) > 0 && len(public) > 0 {
 		held := false
 		for _, e := range p.private {
 			held = held || seen[fingerprint(e)]
 		}
 		if !held {
-			return nil, &keyError{file: c.PrivateKeyFile, key: describe(p.private), err: ErrInvalidKey,
+			return nil, &keyError{source: private.name, key: describe(p.private), err: ErrInvalidKey,
 				reason: fmt.Sprintf("is not among the recipients (%s): this provider could not unwrap what it wraps", describe(p.recipients))}
 		}
 	}
@@ -241,7 +293,7 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 	md, err := v2.ReadMessage(bytes.NewReader(wrapped), p.private, nil, pgpConfig)
 	if errors.Is(err, pgperrors.ErrKeyIncorrect) {
 		return nil, fmt.Errorf("gpg: unwrap: encrypted to %s; no private key here decrypts it: %w",
-			strings.Join(recipients, ", "), kleidi.ErrUnwrap)
+			p.describeRecipients(recipients), kleidi.ErrUnwrap)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("gpg: unwrap: %v: %w", err, kleidi.ErrUnwrap)

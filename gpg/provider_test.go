@@ -3,6 +3,7 @@ package gpg_test
 import (
 	"bytes"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -119,6 +120,43 @@ func TestMultiRecipient(t *testing.T) {
 	}
 }
 
+// TestUnwrapErrorNamesPrimaryKeys checks that a refused unwrap names the keys a blob is encrypted to as
+// Recipients names them, by the fingerprint of the primary key, and a key the provider does not know by the key
+// ID the message gives: never only the encryption subkey of a configured recipient.
+func TestUnwrapErrorNamesPrimaryKeys(t *testing.T) {
+	g := gnupg(t)
+	a, b := newTestKey(t, keyOptions{}), newTestKey(t, keyOptions{v6: true})
+	wrapped, err := newProvider(t, gpg.Config{PublicKeyFiles: []string{b.pub, g.rsa.pubArmored}}).Wrap(ctx, randomKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := newProvider(t, gpg.Config{PublicKeyFiles: []string{a.pub, b.pub, g.rsa.pubArmored}, PrivateKeyFile: a.priv})
+	_, err = node.Unwrap(ctx, wrapped)
+	if !errors.Is(err, kleidi.ErrUnwrap) {
+		t.Fatalf("node.Unwrap(ctx, blob for b and rsa) err = %v, want an error wrapping kleidi.ErrUnwrap", err)
+	}
+	msg := err.Error()
+	for _, fpr := range []string{b.fpr, g.rsa.fpr} {
+		if !strings.Contains(msg, fpr) {
+			t.Errorf("node.Unwrap(ctx, blob for b and rsa) err = %q, want it to name the primary fingerprint %s", msg, fpr)
+		}
+	}
+	if strings.Contains(msg, "not a recipient") || strings.Contains(msg, a.fpr) {
+		t.Errorf("node.Unwrap(ctx, blob for b and rsa) err = %q, want only the recipients b and rsa, by fingerprint", msg)
+	}
+
+	// A node that does not know the recipients names their encryption keys as the message does.
+	stranger := newProvider(t, gpg.Config{PrivateKeyFile: a.priv})
+	_, err = stranger.Unwrap(ctx, wrapped)
+	if msg := err.Error(); !containsAny(msg, encryptionKeyNames(b.entity)) || !strings.Contains(msg, "not a recipient here") ||
+		strings.Contains(msg, b.fpr) {
+		t.Errorf("stranger.Unwrap(ctx, blob for b and rsa) err = %q, want it to name b's encryption key as not a recipient here", msg)
+	}
+	if got := node.Recipients(); !slices.Contains(got, b.fpr) || !slices.Contains(got, g.rsa.fpr) {
+		t.Errorf("node.Recipients() = %v, want it to hold %s and %s, the names of the unwrap error", got, b.fpr, g.rsa.fpr)
+	}
+}
+
 func TestWrapOnly(t *testing.T) {
 	k := newTestKey(t, keyOptions{})
 	wrapOnly := newProvider(t, gpg.Config{PublicKeyFiles: []string{k.pub}})
@@ -139,22 +177,47 @@ func TestWrapOnly(t *testing.T) {
 	}
 }
 
+// TestPassphrase checks every source of a key and of its passphrase: files and memory, and that New zeroes
+// the passphrase a callback returned, once.
 func TestPassphrase(t *testing.T) {
 	k := newTestKey(t, keyOptions{passphrase: gnupgPassphrase, armored: true})
 	file := t.TempDir() + "/passphrase"
 	writeFile(t, file, []byte(gnupgPassphrase+"\r\n"))
-	t.Setenv("KLEIDI_TEST_PASSPHRASE", gnupgPassphrase)
+	priv, pub := readTestFile(t, k.priv), readTestFile(t, k.pub)
+	var given [][]byte
+	callback := func() ([]byte, error) {
+		b := []byte(gnupgPassphrase)
+		given = append(given, b)
+		return b, nil
+	}
 	for _, c := range []gpg.Config{
 		{PrivateKeyFile: k.priv, PassphraseFile: file},
-		{PrivateKeyFile: k.priv, PassphraseEnv: "KLEIDI_TEST_PASSPHRASE"},
-		{PublicKeyFiles: []string{k.pub}, PrivateKeyFile: k.priv, PassphraseEnv: "KLEIDI_TEST_PASSPHRASE"},
+		{PrivateKeyFile: k.priv, Passphrase: callback},
+		{PublicKeyFiles: []string{k.pub}, PrivateKeyFile: k.priv, Passphrase: callback},
+		{PrivateKey: priv, Passphrase: callback},
+		{PublicKeys: [][]byte{pub}, PrivateKey: priv, PassphraseFile: file},
 	} {
 		p := newProvider(t, c)
 		if err := p.Health(ctx); err != nil {
 			t.Errorf("gpg.New(%+v).Health(ctx) = %v, want nil", c, err)
 		}
+		if got := p.Recipients(); len(got) != 1 || got[0] != k.fpr {
+			t.Errorf("gpg.New(%+v).Recipients() = %v, want [%s]", c, got, k.fpr)
+		}
 		roundTrip(t, p, p)
 	}
+	if len(given) != 3 {
+		t.Errorf("Config.Passphrase was called %d times by 3 calls of gpg.New, want 3", len(given))
+	}
+	for _, b := range given {
+		if !bytes.Equal(b, make([]byte, len(gnupgPassphrase))) {
+			t.Errorf("gpg.New left the passphrase Config.Passphrase returned in memory, want it zeroed")
+		}
+	}
+	// New keeps no reference to the key bytes: zeroing them after New changes nothing.
+	p := newProvider(t, gpg.Config{PrivateKey: priv, Passphrase: callback})
+	clear(priv)
+	roundTrip(t, p, p)
 }
 
 func TestUnwrapRefusesOtherMessages(t *testing.T) {

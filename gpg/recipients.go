@@ -9,22 +9,46 @@ import (
 	"github.com/kleidi-kms/kleidi"
 )
 
-// recipientIDs returns every name parseMessage may give a key of entities: the long key ID of each primary key
-// and subkey ("0x" and 16 upper-case hex digits, as a version 3 session key packet names it) and its
-// fingerprint (as a version 6 session key packet names it).
-func recipientIDs(entities []*v2.Entity) map[string]bool {
-	ids := make(map[string]bool)
+// recipientIDs maps every name parseMessage may give a key of entities to the fingerprint of its primary key
+// (as [Provider.Recipients] gives it). The names are the long key ID of each primary key and subkey ("0x" and
+// 16 upper-case hex digits, as a version 3 session key packet names it) and its fingerprint (as a version 6
+// session key packet names it).
+func recipientIDs(entities []*v2.Entity) map[string]string {
+	ids := make(map[string]string)
 	for _, e := range entities {
+		primary := fingerprint(e)
 		keys := []*v2.Subkey{{PublicKey: e.PrimaryKey}}
 		for i := range e.Subkeys {
 			keys = append(keys, &e.Subkeys[i])
 		}
 		for _, k := range keys {
-			ids[fmt.Sprintf("0x%016X", k.PublicKey.KeyId)] = true
-			ids[fmt.Sprintf("0x%X", k.PublicKey.Fingerprint)] = true
+			ids[fmt.Sprintf("0x%016X", k.PublicKey.KeyId)] = primary
+			ids[fmt.Sprintf("0x%X", k.PublicKey.Fingerprint)] = primary
 		}
 	}
 	return ids
+}
+
+// describeRecipients names the keys a wrapped key is encrypted to, as parseMessage lists them, for an error:
+// a recipient of p by the fingerprint of its primary key, any other key by the key ID the message gives.
+func (p *Provider) describeRecipients(ids []string) string {
+	var names []string
+	seen := make(map[string]bool)
+	for _, id := range ids {
+		name := p.recipientIDs[id]
+		switch {
+		case name != "":
+		case id == "*":
+			name = "a hidden recipient"
+		default:
+			name = "key " + id + " (not a recipient here)"
+		}
+		if !seen[name] {
+			seen[name] = true
+			names = append(names, name)
+		}
+	}
+	return strings.Join(names, ", ")
 }
 
 // CheckRecipients returns nil if every key blob is encrypted to belongs to a recipient of p, and otherwise an
@@ -52,7 +76,7 @@ func (p *Provider) CheckRecipients(blob []byte) error {
 	var removed []string
 	seen := make(map[string]bool)
 	for _, id := range ids {
-		if p.recipientIDs[id] || seen[id] {
+		if p.recipientIDs[id] != "" || seen[id] {
 			continue
 		}
 		seen[id] = true
