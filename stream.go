@@ -238,10 +238,11 @@ func (s *streamWriter) ReadFrom(r io.Reader) (int64, error) {
 func (s *streamWriter) Close() error {
 	switch s.err {
 	case nil:
-		if s.err = s.seal(s.buf, true); s.err == nil {
-			s.err = errWriterClosed
+		if s.err = s.seal(s.buf, true); s.err != nil {
+			return s.err
 		}
-		return s.err
+		s.err = errWriterClosed
+		return nil
 	case errWriterClosed:
 		return nil
 	}
