@@ -168,6 +168,27 @@ func TestMetricNamesDocumented(t *testing.T) {
 	}
 }
 
+// labelMatcherRe matches a matcher of a kleidi label in a query or a series: method="decrypt", code!="ok", ...
+// (the apiserver's method_name and grpc_status_code are not kleidi's, and keep their case).
+var labelMatcherRe = regexp.MustCompile(`\b(method|code|operation|outcome|provider)\s*(=|!=|=~|!~)\s*\\?"([^"\\]*)\\?"`)
+
+// TestLabelValuesLowerCase checks that the rules, their tests, the dashboard and the doc match kleidi's labels
+// in lower case, as metrics/metrics.go writes every value: a matcher in another case selects nothing, and an
+// alert on it never fires.
+func TestLabelValuesLowerCase(t *testing.T) {
+	for _, file := range []string{alertsFile, alertsTest, dashboardFile, docFile} {
+		matchers := labelMatcherRe.FindAllStringSubmatch(readFile(t, file), -1)
+		for _, m := range matchers {
+			if m[3] != strings.ToLower(m[3]) {
+				t.Errorf("%s matches %s, want the lower-case value %q", file, m[0], strings.ToLower(m[3]))
+			}
+		}
+		if file == alertsFile && len(matchers) < 3 {
+			t.Errorf("%s holds %d kleidi label matchers, want the rules' method, code, operation and outcome matchers", file, len(matchers))
+		}
+	}
+}
+
 func readFile(t testing.TB, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)

@@ -1,5 +1,10 @@
 // Package metrics exports what a kleidi KMS plugin does as OpenTelemetry instruments, served for Prometheus.
 //
+// By default [New] serves them on a Prometheus page of their own ([Metrics.Handler]), with the Go runtime and
+// process collectors. A program that already exports metrics (an agent with its own /metrics, an OpenTelemetry
+// collector) hands New its OpenTelemetry MeterProvider ([WithMeterProvider]) or its Prometheus registerer
+// ([WithRegisterer]) instead, so that kleidi's instruments appear among its own and no second page is served.
+//
 // The root package kleidi does not import OpenTelemetry: a [Metrics] hooks in from outside, by wrapping the
 // provider ([Metrics.Provider]), intercepting gRPC calls ([Metrics.UnaryServerInterceptor]) and reading the
 // Envelope's counters when Prometheus scrapes ([Metrics.Observe]).
@@ -7,7 +12,7 @@
 // Every name starts with kleidi_, and every label takes values from a small fixed set: never an error message,
 // a uid or a request id. The metrics:
 //
-//	kleidi_kms_requests_total{method,code}                      KMS v2 calls by method and gRPC code
+//	kleidi_kms_requests_total{method,code}                       KMS v2 calls by method and gRPC code
 //	kleidi_kms_request_duration_seconds{method,code}            their latency (histogram)
 //	kleidi_provider_operations_total{provider,operation,outcome}  wrap, unwrap, health, prove and verify calls
 //	kleidi_provider_operation_duration_seconds{provider,operation,outcome}  their latency (histogram)
@@ -21,14 +26,19 @@
 //	kleidi_audit_lost_records_total                              audit records dropped, never written
 //	kleidi_build_info{version,go_version}                        1
 //
-// plus the Go runtime (go_*) and process (process_*) collectors. outcome is one of the values of [kleidi.ErrorKind]
-// ("ok", "unavailable", "unwrap_refused", "unauthenticated", ...); operation is wrap, unwrap, health, or, for a
-// provider that is a [kleidi.Authenticator], prove and verify.
+// plus, on the default page, the Go runtime (go_*) and process (process_*) collectors. Every label value is
+// lower case: method is encrypt, decrypt, status or other; code is the gRPC code in snake case (ok,
+// invalid_argument, not_found, failed_precondition, unavailable, ...); outcome is one of the values of
+// [kleidi.ErrorKind] (ok, unavailable, unwrap_refused, unauthenticated, ...); operation is wrap, unwrap,
+// health, or, for a provider that is a [kleidi.Authenticator], prove and verify, and sign for a [kleidi.Node].
+// Through a MeterProvider the names are OpenTelemetry's (kleidi.kms.requests, unit s for durations); a
+// Prometheus exporter turns them into the names above.
 package metrics
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"runtime"
 	"strings"
@@ -57,9 +67,11 @@ var latencyBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.
 
 // Metrics holds the instruments of one plugin process. It is safe for concurrent use.
 type Metrics struct {
-	registry *prometheus.Registry
-	meters   *sdkmetric.MeterProvider
-	meter    metric.Meter
+	registry *prometheus.Registry     // the page of Handler, or nil when the program exports the metrics
+	meters   *sdkmetric.MeterProvider // the provider New made, or nil for one the program gave
+	meter    metric.Meter             // where every instrument is made
+	regsMu   sync.Mutex               // guards regs
+	regs     []metric.Registration    // the callbacks of Observe and ObserveAudit, unregistered by Shutdown
 
 	rpcAttrs sync.Map // rpcKey -> metric.MeasurementOption, built once per method and code
 
@@ -71,23 +83,76 @@ type Metrics struct {
 	rotations        metric.Int64Counter
 }
 
-// New creates the instruments and a Prometheus registry for them.
-func New() (*Metrics, error) {
-	registry := prometheus.NewRegistry()
-	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	exporter, err := otelprom.New(
-		otelprom.WithRegisterer(registry),
-		otelprom.WithTranslationStrategy(otlptranslator.UnderscoreEscapingWithSuffixes),
-		otelprom.WithoutScopeInfo(),
-		otelprom.WithoutTargetInfo(),
-	)
-	if err != nil {
-		return nil, err
+// Option is a setting of [New].
+type Option func(*options) error
+
+type options struct {
+	meterProvider metric.MeterProvider
+	registerer    prometheus.Registerer
+}
+
+// WithMeterProvider makes the instruments with mp, the program's own OpenTelemetry MeterProvider, whose
+// readers export them as the program chooses. [Metrics.Handler] then serves no page, and [Metrics.Shutdown]
+// leaves mp running.
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return func(o *options) error {
+		if mp == nil {
+			return errors.New("metrics: WithMeterProvider(nil)")
+		}
+		o.meterProvider = mp
+		return nil
 	}
-	// Exemplars link measurements to traces; there are none here, and the filter costs on every call.
-	m := &Metrics{registry: registry, meters: sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter),
-		sdkmetric.WithExemplarFilter(exemplar.AlwaysOffFilter))}
-	m.meter = m.meters.Meter("github.com/kleidi-kms/kleidi")
+}
+
+// WithRegisterer registers the instruments, in the Prometheus names listed in the package documentation, with
+// r, the program's own Prometheus registry, which the program serves. The Go runtime and process collectors are
+// the program's to register; [Metrics.Handler] serves no page.
+func WithRegisterer(r prometheus.Registerer) Option {
+	return func(o *options) error {
+		if r == nil {
+			return errors.New("metrics: WithRegisterer(nil)")
+		}
+		o.registerer = r
+		return nil
+	}
+}
+
+// New creates the instruments. Without options they are served on a Prometheus page of their own
+// ([Metrics.Handler]); [WithMeterProvider] and [WithRegisterer] hand them to the program's exporter instead.
+// At most one of the two is given.
+func New(opts ...Option) (*Metrics, error) {
+	var o options
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, err
+		}
+	}
+	if o.meterProvider != nil && o.registerer != nil {
+		return nil, errors.New("metrics: both WithMeterProvider and WithRegisterer given; give one")
+	}
+	m := &Metrics{}
+	if o.meterProvider == nil {
+		registerer := o.registerer
+		if registerer == nil {
+			m.registry = prometheus.NewRegistry()
+			m.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			registerer = m.registry
+		}
+		exporter, err := otelprom.New(
+			otelprom.WithRegisterer(registerer),
+			otelprom.WithTranslationStrategy(otlptranslator.UnderscoreEscapingWithSuffixes),
+			otelprom.WithoutScopeInfo(),
+			otelprom.WithoutTargetInfo(),
+		)
+		if err != nil {
+			return nil, fmt.Errorf("metrics: %w", err)
+		}
+		// Exemplars link measurements to traces; there are none here, and the filter costs on every call.
+		m.meters = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithExemplarFilter(exemplar.AlwaysOffFilter))
+		o.meterProvider = m.meters
+	}
+	m.meter = o.meterProvider.Meter("github.com/kleidi-kms/kleidi")
+	var err error
 	buckets := metric.WithExplicitBucketBoundaries(latencyBuckets...)
 	var errs []error
 	add := func(err error) { errs = append(errs, err) }
@@ -106,25 +171,59 @@ func New() (*Metrics, error) {
 	add(err)
 	m.rotations, err = m.meter.Int64Counter("kleidi.key.rotations", metric.WithDescription("Changes of the active key seen by this process."))
 	add(err)
-	_, err = m.meter.Int64ObservableGauge("kleidi.build.info", metric.WithDescription("Build information; always 1."),
-		metric.WithInt64Callback(func(_ context.Context, o metric.Int64Observer) error {
-			o.Observe(1, metric.WithAttributes(attribute.String("version", kleidi.Version), attribute.String("go_version", runtime.Version())))
-			return nil
-		}))
+	info, err := m.meter.Int64ObservableGauge("kleidi.build.info", metric.WithDescription("Build information; always 1."))
 	add(err)
+	if err == nil {
+		build := metric.WithAttributes(attribute.String("version", kleidi.Version), attribute.String("go_version", runtime.Version()))
+		add(m.register(m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+			o.ObserveInt64(info, 1, build)
+			return nil
+		}, info)))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
-// Handler serves the metrics in the Prometheus text format.
+// Handler serves the metrics in the Prometheus text format. A Metrics made with [WithMeterProvider] or
+// [WithRegisterer] has no page of its own: its Handler answers 404 Not Found, since the program serves them.
 func (m *Metrics) Handler() http.Handler {
+	if m.registry == nil {
+		return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			http.Error(w, "kleidi metrics are exported by the program's own exporter", http.StatusNotFound)
+		})
+	}
 	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
 }
 
-// Shutdown stops the instruments.
-func (m *Metrics) Shutdown(ctx context.Context) error { return m.meters.Shutdown(ctx) }
+// Shutdown stops the callbacks of [Metrics.Observe] and [Metrics.ObserveAudit], and the MeterProvider that New
+// made, if it made one; a MeterProvider given with [WithMeterProvider] keeps running.
+func (m *Metrics) Shutdown(ctx context.Context) error {
+	m.regsMu.Lock()
+	regs := m.regs
+	m.regs = nil
+	m.regsMu.Unlock()
+	var errs []error
+	for _, r := range regs {
+		errs = append(errs, r.Unregister())
+	}
+	if m.meters != nil {
+		errs = append(errs, m.meters.Shutdown(ctx))
+	}
+	return errors.Join(errs...)
+}
+
+// register keeps a callback registration for Shutdown.
+func (m *Metrics) register(r metric.Registration, err error) error {
+	if err != nil {
+		return err
+	}
+	m.regsMu.Lock()
+	m.regs = append(m.regs, r)
+	m.regsMu.Unlock()
+	return nil
+}
 
 // Observe reports the state of e (its KEK cache counters and active key) and healthy (the cached health of the
 // root of trust) at every scrape.
@@ -145,7 +244,7 @@ func (m *Metrics) Observe(e *kleidi.Envelope, healthy func() bool) error {
 	if err != nil {
 		return err
 	}
-	_, err = m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+	return m.register(m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		s := e.Stats()
 		o.ObserveInt64(hits, int64(s.CacheHits))
 		o.ObserveInt64(misses, int64(s.CacheMisses))
@@ -156,8 +255,7 @@ func (m *Metrics) Observe(e *kleidi.Envelope, healthy func() bool) error {
 		}
 		o.ObserveInt64(health, h)
 		return nil
-	}, hits, misses, active, health)
-	return err
+	}, hits, misses, active, health))
 }
 
 // ObserveAudit reports the audit log's failed writes and lost records at every scrape.
@@ -172,12 +270,11 @@ func (m *Metrics) ObserveAudit(l *audit.Logger) error {
 	if err != nil {
 		return err
 	}
-	_, err = m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+	return m.register(m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		o.ObserveInt64(writeErrors, int64(l.WriteErrors()))
 		o.ObserveInt64(lost, int64(l.LostRecords()))
 		return nil
-	}, writeErrors, lost)
-	return err
+	}, writeErrors, lost))
 }
 
 // KeyringReloaded records a read of the keyring file: its error, and whether the active key changed.
@@ -189,16 +286,16 @@ func (m *Metrics) KeyringReloaded(err error, rotated bool) {
 	}
 }
 
-// kmsMethods are the method label values; anything else is "other".
-var kmsMethods = map[string]bool{"Status": true, "Encrypt": true, "Decrypt": true}
+// kmsMethods maps the KMS v2 methods to their method label values; anything else is "other".
+var kmsMethods = map[string]string{"Status": "status", "Encrypt": "encrypt", "Decrypt": "decrypt"}
 
 // UnaryServerInterceptor counts and times every unary gRPC call by method and code.
 func (m *Metrics) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		resp, err := handler(ctx, req)
-		method := info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]
-		if !kmsMethods[method] {
+		method, ok := kmsMethods[info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]]
+		if !ok {
 			method = "other"
 		}
 		attrs := m.rpcAttributes(method, status.Code(err))
@@ -208,6 +305,36 @@ func (m *Metrics) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 	}
 }
 
+// codeNames are the code label values: the gRPC code names in snake case, so that every label value is lower
+// case, as outcome's are. A code outside this list is "other".
+var codeNames = map[codes.Code]string{
+	codes.OK:                 "ok",
+	codes.Canceled:           "canceled",
+	codes.Unknown:            "unknown",
+	codes.InvalidArgument:    "invalid_argument",
+	codes.DeadlineExceeded:   "deadline_exceeded",
+	codes.NotFound:           "not_found",
+	codes.AlreadyExists:      "already_exists",
+	codes.PermissionDenied:   "permission_denied",
+	codes.ResourceExhausted:  "resource_exhausted",
+	codes.FailedPrecondition: "failed_precondition",
+	codes.Aborted:            "aborted",
+	codes.OutOfRange:         "out_of_range",
+	codes.Unimplemented:      "unimplemented",
+	codes.Internal:           "internal",
+	codes.Unavailable:        "unavailable",
+	codes.DataLoss:           "data_loss",
+	codes.Unauthenticated:    "unauthenticated",
+}
+
+// codeLabel returns the code label value of a gRPC code: its name in snake case, or "other".
+func codeLabel(c codes.Code) string {
+	if name, ok := codeNames[c]; ok {
+		return name
+	}
+	return "other"
+}
+
 // rpcAttributes returns the labels of a call, built once per method and code: the set of both is small and fixed.
 func (m *Metrics) rpcAttributes(method string, code codes.Code) metric.MeasurementOption {
 	key := rpcKey{method, code}
@@ -215,7 +342,7 @@ func (m *Metrics) rpcAttributes(method string, code codes.Code) metric.Measureme
 		return v.(metric.MeasurementOption)
 	}
 	v, _ := m.rpcAttrs.LoadOrStore(key, metric.WithAttributeSet(attribute.NewSet(
-		attribute.String("method", method), attribute.String("code", code.String()))))
+		attribute.String("method", method), attribute.String("code", codeLabel(code)))))
 	return v.(metric.MeasurementOption)
 }
 

@@ -10,6 +10,12 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/attribute"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -86,10 +92,10 @@ func TestMetrics(t *testing.T) {
 
 	page := scrape(t, m)
 	for _, line := range []string{
-		`kleidi_kms_requests_total{code="InvalidArgument",method="Decrypt"} 1`,
-		`kleidi_kms_requests_total{code="OK",method="Decrypt"} 1`,
-		`kleidi_kms_requests_total{code="OK",method="other"} 1`,
-		`kleidi_kms_request_duration_seconds_count{code="OK",method="Decrypt"} 1`,
+		`kleidi_kms_requests_total{code="invalid_argument",method="decrypt"} 1`,
+		`kleidi_kms_requests_total{code="ok",method="decrypt"} 1`,
+		`kleidi_kms_requests_total{code="ok",method="other"} 1`,
+		`kleidi_kms_request_duration_seconds_count{code="ok",method="decrypt"} 1`,
 		`kleidi_provider_operations_total{operation="wrap",outcome="ok",provider="insecure"} 1`,
 		`kleidi_provider_operations_total{operation="health",outcome="unavailable",provider="insecure"} 1`,
 		`kleidi_provider_operations_total{operation="prove",outcome="ok",provider="insecure"} 1`,
@@ -189,4 +195,209 @@ func TestProviderKeepsNode(t *testing.T) {
 		t.Errorf("m.Provider(a provider that is not a Node) is a Node")
 	}
 	wantLine(t, scrape(t, m), `kleidi_provider_operations_total{operation="sign",outcome="ok",provider="insecure"} 1`)
+}
+
+// TestLabelsAreLowerCase checks that every gRPC code and KMS method gets a lower-case label value of its own, as
+// the provider labels have, so that one case serves every query.
+func TestLabelsAreLowerCase(t *testing.T) {
+	ctx := context.Background()
+	m, err := metrics.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	intercept := m.UnaryServerInterceptor()
+	want := map[string]bool{}
+	for c := codes.OK; c <= codes.Unauthenticated; c++ {
+		for _, method := range []string{"Status", "Encrypt", "Decrypt"} {
+			info := &grpc.UnaryServerInfo{FullMethod: "/v2.KeyManagementService/" + method}
+			intercept(ctx, nil, info, func(context.Context, any) (any, error) { return nil, status.Error(c, "x") })
+		}
+		want[c.String()] = true
+	}
+	intercept(ctx, nil, &grpc.UnaryServerInfo{FullMethod: "/v2.KeyManagementService/Decrypt"},
+		func(context.Context, any) (any, error) { return nil, status.Error(codes.Code(99), "x") })
+	m.Provider(kleiditest.NewInsecureProvider()).Health(ctx)
+
+	page := scrape(t, m)
+	codesSeen := map[string]bool{}
+	for _, line := range strings.Split(page, "\n") {
+		if !strings.HasPrefix(line, "kleidi_kms_requests_total{") && !strings.HasPrefix(line, "kleidi_provider_operations_total{") {
+			continue
+		}
+		labels := line[strings.IndexByte(line, '{')+1 : strings.IndexByte(line, '}')]
+		for _, kv := range strings.Split(labels, ",") {
+			name, value, _ := strings.Cut(kv, "=")
+			value = strings.Trim(value, `"`)
+			if value != strings.ToLower(value) {
+				t.Errorf("metrics page line %q: label %s=%q is not lower case", line, name, value)
+			}
+			if name == "code" {
+				codesSeen[value] = true
+			}
+		}
+	}
+	// 17 codes, each its own value, and "other" for a code gRPC does not define.
+	if len(codesSeen) != len(want)+1 || !codesSeen["other"] || !codesSeen["invalid_argument"] || !codesSeen["ok"] {
+		t.Errorf("code label values = %v, want the %d gRPC codes in snake case and other", codesSeen, len(want))
+	}
+	for _, line := range []string{
+		`kleidi_kms_requests_total{code="failed_precondition",method="decrypt"} 1`,
+		`kleidi_kms_requests_total{code="deadline_exceeded",method="status"} 1`,
+		`kleidi_kms_requests_total{code="not_found",method="encrypt"} 1`,
+		`kleidi_kms_requests_total{code="other",method="decrypt"} 1`,
+	} {
+		wantLine(t, page, line)
+	}
+}
+
+// instrument returns the data of the instrument called name in rm, or nil.
+func instrument(rm *metricdata.ResourceMetrics, name string) metricdata.Aggregation {
+	for _, sm := range rm.ScopeMetrics {
+		for _, mt := range sm.Metrics {
+			if mt.Name == name {
+				return mt.Data
+			}
+		}
+	}
+	return nil
+}
+
+// sum returns the value of the int64 sum called name in rm whose attributes hold every one of kv (name, value
+// pairs), and whether there is one.
+func sum(rm *metricdata.ResourceMetrics, name string, kv ...string) (int64, bool) {
+	data, ok := instrument(rm, name).(metricdata.Sum[int64])
+	if !ok {
+		return 0, false
+	}
+	var total int64
+	found := false
+	for _, dp := range data.DataPoints {
+		match := true
+		for i := 0; i+1 < len(kv); i += 2 {
+			v, ok := dp.Attributes.Value(attribute.Key(kv[i]))
+			match = match && ok && v.AsString() == kv[i+1]
+		}
+		if match {
+			total += dp.Value
+			found = true
+		}
+	}
+	return total, found
+}
+
+// TestWithMeterProvider checks that the instruments go to the MeterProvider a program gives, with the same
+// names and labels, that no page of kleidi's own is served, and that Shutdown stops kleidi's callbacks but not
+// the program's provider.
+func TestWithMeterProvider(t *testing.T) {
+	ctx := context.Background()
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	defer mp.Shutdown(ctx)
+	m, err := metrics.New(metrics.WithMeterProvider(mp))
+	if err != nil {
+		t.Fatalf("metrics.New(metrics.WithMeterProvider(mp)) err = %v, want nil", err)
+	}
+	e, err := kleidi.NewEnvelope(ctx, m.Provider(kleiditest.NewInsecureProvider()), kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Observe(e, func() bool { return true }); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := e.Encrypt(ctx, []byte("x"), nil)
+	for range 2 {
+		if _, err := e.Decrypt(ctx, c, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	info := &grpc.UnaryServerInfo{FullMethod: "/v2.KeyManagementService/Decrypt"}
+	m.UnaryServerInterceptor()(ctx, nil, info, func(context.Context, any) (any, error) { return nil, status.Error(codes.NotFound, "x") })
+
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(ctx, &rm); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		kv   []string
+		want int64
+	}{
+		{"kleidi.kms.requests", []string{"method", "decrypt", "code", "not_found"}, 1},
+		{"kleidi.provider.operations", []string{"provider", "insecure", "operation", "wrap", "outcome", "ok"}, 1},
+		{"kleidi.kek.cache.hits", nil, 2},
+	} {
+		if got, ok := sum(&rm, tc.name, tc.kv...); !ok || got != tc.want {
+			t.Errorf("reader.Collect(): %s%v = %d (found %v), want %d", tc.name, tc.kv, got, ok, tc.want)
+		}
+	}
+	if instrument(&rm, "kleidi.build.info") == nil || instrument(&rm, "kleidi.active.key.info") == nil {
+		t.Errorf("reader.Collect() lacks kleidi.build.info or kleidi.active.key.info")
+	}
+
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if rec.Code != 404 || strings.Contains(rec.Body.String(), "kleidi_") {
+		t.Errorf("GET /metrics of a Metrics with a MeterProvider = %d %q, want 404 and no metrics", rec.Code, rec.Body.String())
+	}
+
+	if err := m.Shutdown(ctx); err != nil {
+		t.Fatalf("m.Shutdown(ctx) err = %v, want nil", err)
+	}
+	rm = metricdata.ResourceMetrics{}
+	if err := reader.Collect(ctx, &rm); err != nil {
+		t.Fatalf("reader.Collect() after m.Shutdown(ctx) err = %v, want nil: the program's provider keeps running", err)
+	}
+	if _, ok := sum(&rm, "kleidi.kek.cache.hits"); ok {
+		t.Errorf("reader.Collect() after m.Shutdown(ctx) still observes kleidi.kek.cache.hits")
+	}
+}
+
+// TestWithRegisterer checks that the instruments join a program's own Prometheus registry, beside its own
+// metrics and without a second copy of the Go collectors, so that one page serves both.
+func TestWithRegisterer(t *testing.T) {
+	ctx := context.Background()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector())
+	files := prometheus.NewCounter(prometheus.CounterOpts{Name: "agent_files_encrypted_total", Help: "Files encrypted."})
+	reg.MustRegister(files)
+	files.Add(3)
+	m, err := metrics.New(metrics.WithRegisterer(reg))
+	if err != nil {
+		t.Fatalf("metrics.New(metrics.WithRegisterer(reg)) err = %v, want nil", err)
+	}
+	defer m.Shutdown(ctx)
+	m.Provider(kleiditest.NewInsecureProvider()).Health(ctx)
+
+	rec := httptest.NewRecorder()
+	promhttp.HandlerFor(reg, promhttp.HandlerOpts{}).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if rec.Code != 200 {
+		t.Fatalf("GET the program's /metrics = %d, want 200: %s", rec.Code, rec.Body.String())
+	}
+	page := rec.Body.String()
+	wantLine(t, page, `agent_files_encrypted_total 3`)
+	wantLine(t, page, `kleidi_provider_operations_total{operation="health",outcome="ok",provider="insecure"} 1`)
+	if !strings.Contains(page, `kleidi_build_info{`) {
+		t.Errorf("the program's /metrics lacks kleidi_build_info")
+	}
+	promtool(t, page)
+
+	own := httptest.NewRecorder()
+	m.Handler().ServeHTTP(own, httptest.NewRequest("GET", "/metrics", nil))
+	if own.Code != 404 {
+		t.Errorf("GET m.Handler() with a registerer = %d, want 404: the program serves the page", own.Code)
+	}
+}
+
+func TestNewRefusesBadOptions(t *testing.T) {
+	mp := sdkmetric.NewMeterProvider()
+	defer mp.Shutdown(context.Background())
+	for name, opts := range map[string][]metrics.Option{
+		"nil MeterProvider":            {metrics.WithMeterProvider(nil)},
+		"nil Registerer":               {metrics.WithRegisterer(nil)},
+		"MeterProvider and Registerer": {metrics.WithMeterProvider(mp), metrics.WithRegisterer(prometheus.NewRegistry())},
+	} {
+		if m, err := metrics.New(opts...); err == nil || m != nil {
+			t.Errorf("metrics.New(%s) = %v, %v; want nil, an error", name, m, err)
+		}
+	}
 }
