@@ -92,19 +92,14 @@ func startBench(tb testing.TB, withMetrics, withAudit bool) kmsapi.KeyManagement
 	tb.Helper()
 	ctx := context.Background()
 	dir := tb.TempDir()
-	var p kleidi.Provider = kleiditest.NewInsecureProvider()
 	cfg := server.Config{Logger: quietLogger()}
-	var opts []kleidi.Option
-	var m *metrics.Metrics
 	if withMetrics {
-		var err error
-		if m, err = metrics.New(); err != nil {
+		m, err := metrics.New()
+		if err != nil {
 			tb.Fatalf("metrics.New() err = %v, want nil", err)
 		}
 		tb.Cleanup(func() { m.Shutdown(context.Background()) })
-		p = m.Provider(p)
-		cfg.Interceptors = []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()}
-		cfg.OnReload = m.KeyringReloaded
+		cfg.Metrics = m
 	}
 	if withAudit {
 		l, err := audit.OpenFile(filepath.Join(dir, "audit.json"))
@@ -113,21 +108,12 @@ func startBench(tb testing.TB, withMetrics, withAudit bool) kmsapi.KeyManagement
 		}
 		tb.Cleanup(func() { l.Close() })
 		cfg.Audit = l
-		opts = append(opts, kleidi.WithKeyEvents(l.KeyEvents(p.Name())))
 	}
-	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewMemoryKeyring(), append(opts, kleidi.WithCreateIfEmpty())...)
-	if err != nil {
-		tb.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
-	}
-	srv, err := server.New(env, p, cfg)
+	srv, err := server.New(ctx, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring(), cfg, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		tb.Fatalf("server.New() err = %v, want nil", err)
 	}
-	if m != nil {
-		if err := m.Observe(env, func() bool { return srv.Healthz() == "ok" }); err != nil {
-			tb.Fatalf("Observe() err = %v, want nil", err)
-		}
-	}
+	tb.Cleanup(func() { srv.Close() })
 	path := filepath.Join(dir, "kms.sock")
 	serveCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)

@@ -107,8 +107,16 @@ func (s *Server) rotateIfWorn(ctx context.Context) {
 	}
 	s.log.Warn("rotated a KEK that reached half its usage limit", "key_id", id, "previous_key_id", before,
 		"encryptions", st.ActiveKeyEncryptions, "limit", st.KeyUsageLimit)
+	s.reloaded(nil, true)
+}
+
+// reloaded records a keyring reload, or a rotation of this process, in the metrics and calls OnReload.
+func (s *Server) reloaded(err error, keyChanged bool) {
+	if s.cfg.Metrics != nil {
+		s.cfg.Metrics.KeyringReloaded(err, keyChanged)
+	}
 	if s.cfg.OnReload != nil {
-		s.cfg.OnReload(nil, true)
+		s.cfg.OnReload(err, keyChanged)
 	}
 }
 
@@ -120,8 +128,8 @@ func (s *Server) reload(ctx context.Context) {
 	defer cancel()
 	err := s.env.Reload(ctx)
 	after := s.env.KeyID()
-	if s.cfg.OnReload != nil && ctx.Err() == nil {
-		s.cfg.OnReload(err, after != before)
+	if ctx.Err() == nil {
+		s.reloaded(err, after != before)
 	}
 	if err != nil {
 		if ctx.Err() == nil {
@@ -135,13 +143,17 @@ func (s *Server) reload(ctx context.Context) {
 	}
 }
 
-// Handler returns the HTTP health endpoints, for a listener on loopback:
+// Handler returns the plugin's HTTP endpoints, for a listener on loopback:
 //
 //	/livez    200 "ok" while the process runs
 //	/readyz   200 "ok" when the last health probe passed, else 503 and the reason
 //	/healthz  the same as /readyz
+//	/metrics  the metrics in the Prometheus text format, with [Config.Metrics]
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
+	if s.cfg.Metrics != nil {
+		mux.Handle("GET /metrics", s.cfg.Metrics.Handler())
+	}
 	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, healthy+"\n")
 	})

@@ -1,13 +1,17 @@
 // Package server is a Kubernetes KMS v2 plugin: the gRPC service k8s.io/kms/apis/v2 on a unix socket, on top of a
-// [kleidi.Envelope].
+// [kleidi.Envelope] it builds over a root of trust and a keyring.
 //
 // It validates every request and every response against the limits kube-apiserver enforces, maps kleidi's errors
 // to gRPC codes (see [Code]), bounds each call with a deadline, answers Status from a health probe that runs in the
 // background, picks up a keyring rotated by another process, records the peer credentials of each caller, and stops
 // gracefully. Encrypt responses carry the wrapped KEK in the annotation [WrappedKeyAnnotation], so each one is
-// self-contained.
+// self-contained. Given [Config.Metrics] and [Config.Audit], it does all of their wiring: the provider counted, the
+// Envelope's key operations, reloads, calls and start and stop recorded, health and the audit log observed, and
+// /metrics served by [Server.Handler].
 //
-//	srv, err := server.New(envelope, provider, server.Config{Logger: logger})
+//	srv, err := server.New(ctx, provider, kleidi.NewFileKeyring(path), server.Config{Metrics: m, Audit: a})
+//	defer srv.Close()
+//	go http.Serve(httpListener, srv.Handler())             // /livez, /readyz, /healthz, /metrics
 //	err = srv.ListenAndServe(ctx, "unix:///run/kleidi/kms.sock") // returns after ctx ends and calls finish
 package server
 
@@ -30,6 +34,7 @@ import (
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/internal/socket"
+	"github.com/kleidi-kms/kleidi/metrics"
 )
 
 // Config holds the settings of a [Server]. The zero value is valid: every field has a default.
@@ -53,22 +58,27 @@ type Config struct {
 	// Logger receives operational records: start, stop, key changes, health changes and failed calls.
 	// Default: slog.Default(). Nothing secret is ever logged.
 	Logger *slog.Logger
-	// Audit, if not nil, receives one record per call: event, request uid, caller uid/gid/pid, key_id, provider,
-	// gRPC code and duration. Never plaintext or key material.
+	// Metrics, if not nil, counts and times every call to the provider and every KMS call, and reports keyring
+	// reloads, the KEK cache, the active key, health and the audit log's write errors; [Server.Handler] serves them
+	// on /metrics. The server does all of this wiring: pass the provider itself to [New], not one Metrics wrapped.
+	Metrics *metrics.Metrics
+	// Audit, if not nil, receives one record per call (event, request uid, caller uid/gid/pid, key_id, provider,
+	// gRPC code and duration), one per key operation of the Envelope (unwrap, rotate, reload), and the plugin's
+	// start and stop. Never plaintext or key material. Its write errors make the plugin unhealthy.
 	Audit *audit.Logger
-	// Interceptors run around every call, inside panic recovery and outside the server's own error mapping,
-	// caller check and deadline, so they see the gRPC code the client gets: the place for metrics.
+	// Interceptors run around every call, inside panic recovery and the metrics and outside the server's own
+	// error mapping, caller check and deadline, so they see the gRPC code the client gets.
 	// [CallerFromContext] gives the caller of a call.
 	Interceptors []grpc.UnaryServerInterceptor
 	// OnReload, if not nil, is called after each background keyring reload with its error and whether the
-	// active key changed: the place for a reload metric.
+	// active key changed, after the metrics recorded it.
 	OnReload func(err error, keyChanged bool)
 }
 
 // Server is a KMS v2 plugin serving one [kleidi.Envelope]. Create it with [New].
 type Server struct {
 	env      *kleidi.Envelope
-	provider kleidi.Provider
+	provider kleidi.Provider // as the Envelope has it: counted by Config.Metrics, if any
 	cfg      Config
 	log      *slog.Logger
 
@@ -77,11 +87,13 @@ type Server struct {
 	encryptAnnotations atomic.Pointer[encryptAnnotations]
 }
 
-// New returns a Server for env, whose root of trust is p (probed for health). It probes health once before
-// returning, so the first Status is truthful.
-func New(env *kleidi.Envelope, p kleidi.Provider, cfg Config) (*Server, error) {
-	if env == nil || p == nil {
-		return nil, errors.New("server: New needs an Envelope and its Provider")
+// New assembles a plugin: the Envelope over ring, with p as its root of trust, built with opts and with the
+// wiring [Config.Metrics] and [Config.Audit] need (p counted, key operations audited; an option of opts for key
+// events is replaced). The Server owns the Envelope ([Server.Close] closes it); the caller keeps p and closes it
+// after the Server. New probes health once before returning, so the first Status is truthful.
+func New(ctx context.Context, p kleidi.Provider, ring kleidi.Keyring, cfg Config, opts ...kleidi.Option) (*Server, error) {
+	if p == nil || ring == nil {
+		return nil, errors.New("server: New needs a Provider and a Keyring")
 	}
 	if cfg.HealthInterval < 0 || cfg.CallTimeout < 0 || cfg.ShutdownTimeout < 0 {
 		return nil, errors.New("server: HealthInterval, CallTimeout and ShutdownTimeout must not be negative")
@@ -99,10 +111,48 @@ func New(env *kleidi.Envelope, p kleidi.Provider, cfg Config) (*Server, error) {
 	}
 	cfg.AllowedUIDs = slices.Clone(cfg.AllowedUIDs)
 	cfg.Interceptors = slices.Clone(cfg.Interceptors)
+	opts = slices.Clone(opts)
+	if cfg.Metrics != nil {
+		p = cfg.Metrics.Provider(p)
+		cfg.Interceptors = append([]grpc.UnaryServerInterceptor{cfg.Metrics.UnaryServerInterceptor()}, cfg.Interceptors...)
+	}
+	if cfg.Audit != nil {
+		opts = append(opts, kleidi.WithKeyEvents(cfg.Audit.KeyEvents(p.Name())))
+	}
+	env, err := kleidi.NewEnvelope(ctx, p, ring, opts...)
+	if err != nil {
+		return nil, err
+	}
 	s := &Server{env: env, provider: p, cfg: cfg, log: cfg.Logger}
-	s.probe(context.Background())
+	s.probe(ctx)
+	if err := s.observe(); err != nil {
+		env.Close()
+		return nil, fmt.Errorf("server: metrics: %w", err)
+	}
 	return s, nil
 }
+
+// observe has the metrics read the Envelope, health and the audit log at every scrape.
+func (s *Server) observe() error {
+	m := s.cfg.Metrics
+	if m == nil {
+		return nil
+	}
+	if err := m.Observe(s.env, func() bool { return s.Healthz() == healthy }); err != nil {
+		return err
+	}
+	if s.cfg.Audit != nil {
+		return m.ObserveAudit(s.cfg.Audit)
+	}
+	return nil
+}
+
+// Envelope returns the Envelope the Server serves, for what the plugin does beside serving (rotation, node state).
+func (s *Server) Envelope() *kleidi.Envelope { return s.env }
+
+// Close closes the Envelope: every KEK is forgotten, and later calls fail with Unavailable. Close it after
+// [Server.ListenAndServe] returns.
+func (s *Server) Close() error { return s.env.Close() }
 
 func setDefault[T comparable](v *T, def T) {
 	var zero T
@@ -159,6 +209,8 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	go func() { errc <- gs.Serve(l) }()
 	s.log.Info("serving KMS v2", "address", l.Addr().String(), "provider", s.provider.Name(),
 		"key_id", s.env.KeyID(), "healthz", s.Healthz())
+	s.lifecycle(audit.EventStart)
+	defer s.lifecycle(audit.EventStop)
 
 	select {
 	case err := <-errc:
@@ -183,6 +235,13 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	l.Close() // gRPC closes it too; this makes sure the socket file is gone
 	s.log.Info("stopped")
 	return nil
+}
+
+// lifecycle writes a plugin.start or plugin.stop record to the audit log, if there is one.
+func (s *Server) lifecycle(event string) {
+	if s.cfg.Audit != nil {
+		s.cfg.Audit.Log(audit.Record{Event: event, KeyID: s.env.KeyID(), Provider: s.provider.Name()})
+	}
 }
 
 // Caller is the process at the other end of a call's unix socket connection.

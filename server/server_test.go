@@ -68,17 +68,14 @@ func startWith(t *testing.T, p *kleiditest.Provider, ring kleidi.Keyring, cfg se
 	if ring == nil {
 		ring = kleidi.NewMemoryKeyring()
 	}
-	env, err := kleidi.NewEnvelope(ctx, p, ring, append(opts, kleidi.WithCreateIfEmpty())...)
-	if err != nil {
-		t.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
-	}
 	if cfg.Logger == nil {
 		cfg.Logger = quietLogger()
 	}
-	srv, err := server.New(env, p, cfg)
+	srv, err := server.New(ctx, p, ring, cfg, append(opts, kleidi.WithCreateIfEmpty())...)
 	if err != nil {
 		t.Fatalf("server.New() err = %v, want nil", err)
 	}
+	env := srv.Envelope()
 	path := filepath.Join(shortDir(t), "run", "kms.sock")
 	serveCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -556,11 +553,8 @@ func TestConcurrentLoad(t *testing.T) {
 
 func TestHandler(t *testing.T) {
 	p := kleiditest.NewInsecureProvider()
-	env, err := kleidi.NewEnvelope(context.Background(), p, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(env, p, server.Config{Logger: quietLogger()})
+	ring := kleidi.NewMemoryKeyring()
+	srv, err := server.New(context.Background(), p, ring, server.Config{Logger: quietLogger()}, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -576,7 +570,7 @@ func TestHandler(t *testing.T) {
 	}
 	// A server whose root was down at start reports it at once.
 	p.SetError(kleiditest.OpHealth, kleidi.ErrUnavailable)
-	srv, err = server.New(env, p, server.Config{Logger: quietLogger()})
+	srv, err = server.New(context.Background(), p, ring, server.Config{Logger: quietLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,12 +21,8 @@ import (
 func newServer(t *testing.T, cfg server.Config) *server.Server {
 	t.Helper()
 	p := kleiditest.NewInsecureProvider()
-	env, err := kleidi.NewEnvelope(context.Background(), p, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
-	if err != nil {
-		t.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
-	}
 	cfg.Logger = quietLogger()
-	srv, err := server.New(env, p, cfg)
+	srv, err := server.New(context.Background(), p, kleidi.NewMemoryKeyring(), cfg, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatalf("server.New() err = %v, want nil", err)
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	kmsapi "k8s.io/kms/apis/v2"
 
@@ -49,6 +50,57 @@ func TestIsFQDN(t *testing.T) {
 	}
 }
 
+// kindErrors are an error of each kind kleidi.ErrorKind names.
+var kindErrors = []error{
+	nil, kleidi.ErrInvalidCiphertext, kleidi.ErrDecrypt, kleidi.ErrUnknownKey, kleidi.ErrKeyMismatch,
+	kleidi.ErrUnauthenticated, kleidi.ErrUnwrap, kleidi.ErrUnavailable, kleidi.ErrInvalidKeyring, kleidi.ErrKeyExhausted,
+	kleidi.ErrTooLarge, kleidi.ErrClosed, context.Canceled, context.DeadlineExceeded, errors.New("anything else"),
+}
+
+// TestErrorTable: every kind of error has exactly one row of errorCodes, every row is a kind, and Code follows
+// the row of the error's kind, also for errors that hold several kinds.
+func TestErrorTable(t *testing.T) {
+	rows := map[string]int{}
+	for _, row := range errorCodes {
+		rows[row.kind]++
+	}
+	kinds := map[string]bool{}
+	for _, err := range kindErrors {
+		kind := kleidi.ErrorKind(fmt.Errorf("op: %w", err))
+		if err == nil {
+			kind = kleidi.ErrorKind(nil)
+		}
+		kinds[kind] = true
+		if rows[kind] != 1 {
+			t.Errorf("kind %q of %v has %d rows in errorCodes, want 1", kind, err, rows[kind])
+		}
+	}
+	for kind := range rows {
+		if !kinds[kind] {
+			t.Errorf("errorCodes has a row for %q, which kleidi.ErrorKind never returns", kind)
+		}
+	}
+	for _, a := range kindErrors[1:] {
+		for _, b := range kindErrors[1:] {
+			joined := errors.Join(a, b)
+			kind := kleidi.ErrorKind(joined)
+			if got, want := Code(joined), Code(fmt.Errorf("op: %w", firstOfKind(kind))); got != want {
+				t.Errorf("Code(errors.Join(%v, %v)) = %v, want %v: the code of its kind %s", a, b, got, want, kind)
+			}
+		}
+	}
+}
+
+// firstOfKind returns the error of kindErrors whose kind is kind.
+func firstOfKind(kind string) error {
+	for _, err := range kindErrors[1:] {
+		if kleidi.ErrorKind(err) == kind {
+			return err
+		}
+	}
+	return nil
+}
+
 func TestCode(t *testing.T) {
 	cases := []struct {
 		err  error
@@ -64,7 +116,6 @@ func TestCode(t *testing.T) {
 		{fmt.Errorf("a: %w", kleidi.ErrUnwrap), codes.FailedPrecondition},
 		{fmt.Errorf("a: %w", kleidi.ErrUnavailable), codes.Unavailable},
 		{fmt.Errorf("a: %w", kleidi.ErrClosed), codes.Unavailable},
-		{errors.Join(kleidi.ErrUnwrap, kleidi.ErrUnavailable), codes.Unavailable},
 		{fmt.Errorf("a: %w", context.DeadlineExceeded), codes.DeadlineExceeded},
 		{fmt.Errorf("a: %w", context.Canceled), codes.Canceled},
 		{internalError{errors.New("bug")}, codes.Internal},
@@ -73,6 +124,9 @@ func TestCode(t *testing.T) {
 	for _, c := range cases {
 		if got := Code(c.err); got != c.want {
 			t.Errorf("Code(%v) = %v, want %v", c.err, got, c.want)
+		}
+		if got := Code(status.Error(c.want, "as it came")); got != c.want {
+			t.Errorf("Code(status.Error(%v)) = %v, want the same", c.want, got)
 		}
 		if got := Code(statusError(c.err)); c.err != nil && got != c.want {
 			t.Errorf("Code(statusError(%v)) = %v, want %v", c.err, got, c.want)
@@ -86,11 +140,7 @@ func TestCode(t *testing.T) {
 func FuzzDecryptRequest(f *testing.F) {
 	ctx := context.Background()
 	p := kleiditest.NewInsecureProvider()
-	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
-	if err != nil {
-		f.Fatal(err)
-	}
-	s, err := New(env, p, Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	s, err := New(ctx, p, kleidi.NewMemoryKeyring(), Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		f.Fatal(err)
 	}

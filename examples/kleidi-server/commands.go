@@ -10,20 +10,12 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"time"
-
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/status"
-	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/audit"
+	"github.com/kleidi-kms/kleidi/client"
 	"github.com/kleidi-kms/kleidi/gpg"
-	"github.com/kleidi-kms/kleidi/internal/socket"
 	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/pkcs11"
 	"github.com/kleidi-kms/kleidi/server"
@@ -37,7 +29,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	httpAddr := fs.String("http-addr", "127.0.0.1:8787", "`host:port` of the HTTP endpoints /livez, /readyz, /healthz (\"off\" for none)")
 	mode := modeValue(0o600)
 	fs.Var(&mode, "socket-mode", "file `mode` of the socket, in octal: 0600 for the plugin's own user, 0660 to let its group in")
-	auditLog := fs.String("audit-log", "", "`file` to append the audit log to (one JSON record per KMS call and key operation; reopened on SIGHUP), or - for standard output (default: none)")
+	auditPath := fs.String("audit-log", "", "`file` to append the audit log to (one JSON record per KMS call and key operation; reopened on SIGHUP), or - for standard output (default: none)")
 	var allowed uidList
 	fs.Var(&allowed, "allowed-uids", "comma-separated `uids` allowed to call the plugin (default: any that may open the socket)")
 	firstStart := fs.Bool("init", false, "on a state directory never initialised, create its keyring with the root of trust of the flags "+
@@ -55,15 +47,16 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer m.Shutdown(context.Background())
-	o.metrics = m
-	if *auditLog != "" {
-		if o.audit, err = openAudit(*auditLog, stdout); err != nil {
+	var auditLog *audit.Logger
+	if *auditPath != "" {
+		if auditLog, err = openAudit(*auditPath, stdout); err != nil {
 			return err
 		}
-		defer o.audit.Close()
-		stopReopen := reopenOnSIGHUP(o.audit, o.log)
-		defer stopReopen()
+		defer auditLog.Close()
+		defer reopenOnSIGHUP(auditLog, o.log)()
 	}
+	// open checks and, on a first start, initialises the state directory, as every command does. The server builds
+	// the Envelope it serves over the same root and keyring, with the metrics and the audit log wired in.
 	p, env, created, err := o.open(ctx)
 	if errors.Is(err, pkcs11.ErrPIN) {
 		return holdRefusedPIN(ctx, *httpAddr, o.log, err)
@@ -72,43 +65,35 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer p.Close()
+	env.Close()
 	if created {
 		o.log.Info("initialised the state directory with a first KEK", "state_dir", o.stateDir, "key_id", env.KeyID())
 	}
-	cfg := server.Config{Logger: o.log, SocketMode: mode.fileMode(), AllowedUIDs: allowed, Audit: o.audit,
-		Interceptors: []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()},
-		OnReload: func(err error, changed bool) {
-			m.KeyringReloaded(err, changed)
+	state, err := o.loadNodeState()
+	if err != nil {
+		return err
+	}
+	var srv *server.Server
+	cfg := server.Config{Logger: o.log, SocketMode: mode.fileMode(), AllowedUIDs: allowed, Metrics: m, Audit: auditLog,
+		OnReload: func(err error, _ bool) {
 			if err == nil {
-				if err := o.saveNodeState(env); err != nil {
+				if err := o.saveNodeState(srv.Envelope()); err != nil {
 					o.log.Warn("could not record the node state", "error", err)
 				}
 			}
 		}}
-	srv, err := server.New(env, p, cfg)
+	srv, err = server.New(ctx, p, kleidi.NewFileKeyring(o.keyringPath()), cfg, append(recipientOpeners(), kleidi.WithNodeState(state))...)
 	if err != nil {
 		return err
 	}
-	if err := m.Observe(env, func() bool { return srv.Healthz() == "ok" }); err != nil {
-		return err
-	}
-	if o.audit != nil {
-		if err := m.ObserveAudit(o.audit); err != nil {
-			return err
-		}
-	}
+	defer srv.Close()
 	if *httpAddr != "off" && *httpAddr != "" {
-		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", m.Handler())
-		mux.Handle("/", srv.Handler())
-		stopHTTP, err := serveHTTP(*httpAddr, mux, o.log)
+		stopHTTP, err := serveHTTP(*httpAddr, srv.Handler(), o.log)
 		if err != nil {
 			return err
 		}
 		defer stopHTTP()
 	}
-	lifecycle(o.audit, audit.EventStart, env.KeyID(), p.Name())
-	defer func() { lifecycle(o.audit, audit.EventStop, env.KeyID(), p.Name()) }()
 	return srv.ListenAndServe(ctx, *listen)
 }
 
@@ -336,53 +321,31 @@ func refuseRemovedRecipients(ctx context.Context, ring kleidi.Keyring, to kleidi
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("status", stderr)
 	listen := fs.String("listen", defaultListen(), "the plugin's `socket`, as unix:///path/kms.sock")
-	wait := fs.Duration("wait", 0, "wait up to this `duration` for a plugin to answer (for one that is starting)")
+	wait := fs.Duration("wait", 0, "wait up to this `duration` for a plugin to answer healthy (for one that is starting)")
 	timeout := fs.Duration("timeout", 5*time.Second, "`duration` the Status call may take once connected")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	path, err := socket.ParseEndpoint(*listen)
+	c, err := client.Dial(*listen)
 	if err != nil {
 		return err
 	}
-	target := "unix://" + path
-	if abstract, ok := strings.CutPrefix(path, "@"); ok {
-		target = "unix-abstract:" + abstract
-	}
-	bo := backoff.DefaultConfig
-	bo.BaseDelay, bo.MaxDelay = 50*time.Millisecond, 500*time.Millisecond
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: time.Second}))
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	client := kmsapi.NewKeyManagementServiceClient(conn)
-	var st *kmsapi.StatusResponse
+	defer c.Close()
+	var st client.Status
 	if *wait > 0 {
 		wctx, cancel := context.WithTimeout(ctx, *wait)
-		st, err = client.Status(wctx, &kmsapi.StatusRequest{}, grpc.WaitForReady(true))
+		st, err = c.WaitHealthy(wctx)
 		cancel()
 	} else {
 		tctx, cancel := context.WithTimeout(ctx, *timeout)
-		st, err = client.Status(tctx, &kmsapi.StatusRequest{})
+		st, err = c.Status(tctx)
 		cancel()
 	}
-	if err != nil {
-		s, _ := status.FromError(err)
-		if s.Code() == codes.Unavailable || (s.Code() == codes.DeadlineExceeded && *wait > 0) {
-			// The dial error says why (no such socket, permission denied) more plainly than gRPC.
-			c, err := net.DialTimeout("unix", path, time.Second)
-			if err != nil {
-				return fmt.Errorf("no plugin answers on %s: %v", *listen, errors.Unwrap(err))
-			}
-			c.Close()
-			return fmt.Errorf("no plugin answers on %s", *listen)
-		}
-		return fmt.Errorf("status call on %s: %s: %s", *listen, s.Code(), s.Message())
+	if err != nil && !errors.Is(err, client.ErrUnhealthy) {
+		return err
 	}
-	fmt.Fprintf(stdout, "version: %s\nhealthz: %s\nkey_id: %s\n", st.Version, st.Healthz, st.KeyId)
-	if st.Healthz != "ok" {
+	fmt.Fprintf(stdout, "version: %s\nhealthz: %s\nkey_id: %s\n", st.Version, st.Healthz, st.KeyID)
+	if !st.Healthy() {
 		fmt.Fprintf(stderr, "kleidi-server status: unhealthy: %s\n", st.Healthz)
 		return errUnhealthy
 	}

@@ -36,15 +36,12 @@ type plugin struct {
 func startPlugin(t *testing.T, p kleidi.Provider, ring kleidi.Keyring, cfg server.Config) *plugin {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	env, err := kleidi.NewEnvelope(ctx, p, ring, kleidi.WithCreateIfEmpty())
-	if err != nil {
-		t.Fatalf("kleidi.NewEnvelope() err = %v", err)
-	}
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv, err := server.New(env, p, cfg)
+	srv, err := server.New(ctx, p, ring, cfg, kleidi.WithCreateIfEmpty())
 	if err != nil {
 		t.Fatalf("server.New() err = %v", err)
 	}
+	env := srv.Envelope()
 	dir, err := os.MkdirTemp("", "kc")
 	if err != nil {
 		t.Fatal(err)
