@@ -463,8 +463,8 @@ func writeGoldenStream(t *testing.T) {
 	writeGoldenFile(t, goldenStreamFile, vectors)
 }
 
-// BenchmarkStream encrypts and decrypts 100 MiB streams, beside the floor: bare AES-256-GCM over the same bytes
-// in 64 KiB segments (RawSeal, RawOpen).
+// BenchmarkStream encrypts and decrypts 100 MiB streams in memory, beside the floor: bare AES-256-GCM over the
+// same 100 MiB in 64 KiB segments (RawSeal, RawOpen).
 func BenchmarkStream(b *testing.B) {
 	const size = 100 << 20
 	plaintext := pattern(size)
@@ -480,13 +480,16 @@ func BenchmarkStream(b *testing.B) {
 			}
 		}
 	})
-	sealed := aead.Seal(nil, nonce, plaintext[:segment], nil)
+	var sealed []byte
+	for off := 0; off < size; off += segment {
+		sealed = aead.Seal(sealed, nonce, plaintext[off:off+segment], nil)
+	}
 	b.Run("RawOpen", func(b *testing.B) {
 		b.SetBytes(size)
 		for b.Loop() {
-			for range size / segment {
+			for off := 0; off < len(sealed); off += segment + segmentTag {
 				var err error
-				if buf, err = aead.Open(buf[:0], nonce, sealed, nil); err != nil {
+				if buf, err = aead.Open(buf[:0], nonce, sealed[off:off+segment+segmentTag], nil); err != nil {
 					b.Fatal(err)
 				}
 			}
