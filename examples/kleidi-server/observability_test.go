@@ -128,10 +128,10 @@ func TestNoSecretsInLogsAuditOrMetrics(t *testing.T) {
 
 	// The metrics describe the traffic: 60 decryptions from memory, no provider call on the hot path.
 	for _, line := range []string{
-		`kleidi_kms_requests_total{code="OK",method="Encrypt"} 20`,
-		`kleidi_kms_requests_total{code="OK",method="Decrypt"} 60`,
-		`kleidi_kms_requests_total{code="InvalidArgument",method="Decrypt"} 20`,
-		`kleidi_kms_requests_total{code="InvalidArgument",method="Encrypt"} 1`,
+		`kleidi_kms_requests_total{code="ok",method="encrypt"} 20`,
+		`kleidi_kms_requests_total{code="ok",method="decrypt"} 60`,
+		`kleidi_kms_requests_total{code="invalid_argument",method="decrypt"} 20`,
+		`kleidi_kms_requests_total{code="invalid_argument",method="encrypt"} 1`,
 		`kleidi_kek_cache_misses_total 0`,
 		`kleidi_provider_operations_total{operation="unwrap",outcome="ok",provider="gpg"} 1`,
 		`kleidi_healthy 1`,

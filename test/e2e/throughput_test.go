@@ -164,10 +164,10 @@ func (bt *benchTarget) pluginStats(b testing.TB) pluginStats {
 	}
 	m := string(body)
 	return pluginStats{
-		encrypts: sumMetric(m, "kleidi_kms_requests_total", `method="Encrypt"`),
-		decrypts: sumMetric(m, "kleidi_kms_requests_total", `method="Decrypt"`),
-		seconds: sumMetric(m, "kleidi_kms_request_duration_seconds_sum", `method="Encrypt"`) +
-			sumMetric(m, "kleidi_kms_request_duration_seconds_sum", `method="Decrypt"`),
+		encrypts: sumMetric(m, "kleidi_kms_requests_total", `method="encrypt"`),
+		decrypts: sumMetric(m, "kleidi_kms_requests_total", `method="decrypt"`),
+		seconds: sumMetric(m, "kleidi_kms_request_duration_seconds_sum", `method="encrypt"`) +
+			sumMetric(m, "kleidi_kms_request_duration_seconds_sum", `method="decrypt"`),
 	}
 }
 
