@@ -19,7 +19,9 @@ import (
 //
 // Nothing in the header is secret or authenticated by itself: the ciphertext authenticates its own header and
 // the associated data, and the attached key carries the proof [Envelope.Decrypt] checks before it unwraps
-// anything. The golden vectors in testdata/sealed-v1.json pin the format.
+// anything. The attached key is not covered by the ciphertext's tag: where the KEK is already known it is not
+// read, so altering it changes nothing there, and elsewhere an altered one fails its proof. The golden vectors in
+// testdata/sealed-v1.json pin the format.
 const (
 	sealedMagic   = 's'
 	sealedVersion = 1

@@ -2,11 +2,14 @@ package kleidi_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
+	"log"
 	"os"
 	"testing"
 
@@ -291,4 +294,29 @@ func FuzzOpen(f *testing.F) {
 			t.Fatalf("e.Open() err = %v, want one that wraps a kleidi sentinel", err)
 		}
 	})
+}
+
+// A value sealed on one node opens on another of the same root, whose keyring never held its key.
+func ExampleEnvelope_Seal() {
+	ctx := context.Background()
+	root := kleiditest.NewInsecureProvider() // the same root of trust on both nodes: a TPM's key, an OpenPGP key
+	a, err := kleidi.NewEnvelope(ctx, root, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
+	if err != nil {
+		log.Fatal(err)
+	}
+	sealed, err := a.Seal(ctx, []byte("a token"), []byte("tokens/42"))
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	b, err := kleidi.NewEnvelope(ctx, root, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
+	if err != nil {
+		log.Fatal(err)
+	}
+	plaintext, err := b.Open(ctx, sealed, []byte("tokens/42"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(string(plaintext))
+	// Output: a token
 }

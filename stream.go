@@ -22,7 +22,7 @@ import (
 //	1       1     version (0x01)
 //	2       32    salt, random
 //	34      7     nonce prefix, random
-//	41      2     h, length of the sealed stream key (1 to MaxSealedSize)
+//	41      2     h, length of the sealed stream key (1 to the size of a sealed 32-byte key, 18631)
 //	43      h     sealed stream key: [Envelope.Seal] of a random 256-bit key, with the associated data
 //	              "kleidi stream v1" 0x00 || bytes 0 to 41 || the caller's associated data
 //	43+h    ...   segments 0 to n-1
@@ -50,6 +50,9 @@ const (
 	streamKeyInfo     = "kleidi stream v1 segment key"
 	// maxStreamSegments bounds the segments of a stream: their index is 4 bytes (256 TiB of plaintext).
 	maxStreamSegments = 1 << 32
+	// maxSealedStreamKey is the size of the largest sealed stream key: the largest attached key, and a
+	// ciphertext of KeySize bytes under the longest key ID.
+	maxSealedStreamKey = sealedHeader + MaxAttachedKeySize + 3 + MaxKeyIDSize + nonceSize + KeySize + tagSize
 )
 
 // EncryptStream returns a writer that encrypts everything written to it into w, in the stream format, under a
@@ -109,8 +112,8 @@ func (e *Envelope) DecryptStream(ctx context.Context, r io.Reader, associatedDat
 		return nil, fmt.Errorf("%w: stream: unsupported version %d", ErrInvalidCiphertext, header[1])
 	}
 	h := int(binary.BigEndian.Uint16(header[streamFixedHeader:]))
-	if h == 0 || h > MaxSealedSize {
-		return nil, fmt.Errorf("%w: stream: sealed key of %d bytes, want 1 to %d", ErrInvalidCiphertext, h, MaxSealedSize)
+	if h == 0 || h > maxSealedStreamKey {
+		return nil, fmt.Errorf("%w: stream: sealed key of %d bytes, want 1 to %d", ErrInvalidCiphertext, h, maxSealedStreamKey)
 	}
 	sealed := make([]byte, h)
 	if err := readStream(r, sealed, "sealed key"); err != nil {

@@ -2,6 +2,7 @@ package kleidi_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
@@ -11,8 +12,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"os"
 	"runtime"
+	"strings"
 	"testing"
 	"testing/iotest"
 
@@ -214,6 +217,7 @@ func TestStreamRefuses(t *testing.T) {
 		"altered salt":             {flip(2), kleidi.ErrDecrypt, 0},
 		"altered nonce prefix":     {flip(streamFixed - 1), kleidi.ErrDecrypt, 0},
 		"altered key length":       {flip(streamFixed + 1), kleidi.ErrDecrypt, 0},
+		"key length too large":     {cat(stream[:streamFixed], []byte{0xff, 0xff}, stream[streamFixed+2:]), kleidi.ErrInvalidCiphertext, 0},
 		"key length zero":          {cat(stream[:streamFixed], []byte{0, 0}, stream[streamFixed+2:]), kleidi.ErrInvalidCiphertext, 0},
 		"altered sealed key":       {flip(h - 1), kleidi.ErrDecrypt, 0},
 		"header cut":               {stream[:streamFixed+1], kleidi.ErrInvalidCiphertext, 0},
@@ -529,4 +533,35 @@ func BenchmarkStream(b *testing.B) {
 			}
 		}
 	})
+}
+
+// A file of any size, encrypted and decrypted with memory bounded by one segment.
+func ExampleEnvelope_EncryptStream() {
+	ctx := context.Background()
+	e, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
+	if err != nil {
+		log.Fatal(err)
+	}
+	var file bytes.Buffer // an *os.File in a real program
+	w, err := e.EncryptStream(ctx, &file, []byte("backups/db.dump"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	if _, err := io.Copy(w, strings.NewReader("a database dump of any size")); err != nil {
+		log.Fatal(err)
+	}
+	if err := w.Close(); err != nil { // writes the final segment: without it the stream never decrypts
+		log.Fatal(err)
+	}
+
+	r, err := e.DecryptStream(ctx, &file, []byte("backups/db.dump"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	plaintext, err := io.ReadAll(r) // an error, never a short read, if the stream was cut or altered
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(string(plaintext))
+	// Output: a database dump of any size
 }
