@@ -64,7 +64,7 @@ const (
 //
 // associatedData is authenticated but not encrypted; DecryptStream needs the same. ctx bounds only the sealing of
 // the stream key, which never calls the provider: the writer does not keep it. A stream holds at most 256 TiB; a
-// longer one fails with an error wrapping [ErrTooLarge].
+// longer one fails with an error wrapping [ErrTooLarge]. The writer is for one goroutine at a time.
 func (e *Envelope) EncryptStream(ctx context.Context, w io.Writer, associatedData []byte) (io.WriteCloser, error) {
 	key := make([]byte, KeySize)
 	defer clear(key)
@@ -100,6 +100,7 @@ func (e *Envelope) EncryptStream(ctx context.Context, w io.Writer, associatedDat
 // reordered or extended gives an error wrapping [ErrDecrypt], never a silent short read. Bytes already returned
 // came from authenticated segments, but the stream is whole only at io.EOF: write the plaintext somewhere
 // temporary and use it only then. Memory is bounded by one segment. ctx bounds only the opening of the stream key.
+// The reader is for one goroutine at a time.
 func (e *Envelope) DecryptStream(ctx context.Context, r io.Reader, associatedData []byte) (io.Reader, error) {
 	header := make([]byte, streamHeader)
 	if err := readStream(r, header, "header"); err != nil {
