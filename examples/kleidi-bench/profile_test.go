@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
 	"k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2"
 	kmsservice "k8s.io/kms/pkg/service"
 
@@ -95,29 +94,20 @@ func startBenchPlugin(b *testing.B, plugin string) string {
 			b.Fatalf("gpg.New() err = %v, want nil", err)
 		}
 		b.Cleanup(func() { p.Close() })
-		env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(filepath.Join(dir, "keyring.json")), kleidi.WithCreateIfEmpty())
-		if err != nil {
-			b.Fatalf("kleidi.NewEnvelope() err = %v, want nil", err)
-		}
 		scfg := server.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
-		var m *metrics.Metrics
 		if plugin == "kleidi-gpg-metrics" {
-			if m, err = metrics.New(); err != nil {
+			m, err := metrics.New()
+			if err != nil {
 				b.Fatalf("metrics.New() err = %v, want nil", err)
 			}
 			b.Cleanup(func() { m.Shutdown(context.Background()) })
-			scfg.Interceptors = []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()}
-			scfg.OnReload = m.KeyringReloaded
+			scfg.Metrics = m
 		}
-		srv, err := server.New(env, p, scfg)
+		srv, err := server.New(ctx, p, kleidi.NewFileKeyring(filepath.Join(dir, "keyring.json")), scfg, kleidi.WithCreateIfEmpty())
 		if err != nil {
 			b.Fatalf("server.New() err = %v, want nil", err)
 		}
-		if m != nil {
-			if err := m.Observe(env, func() bool { return srv.Healthz() == "ok" }); err != nil {
-				b.Fatalf("metrics.Observe() err = %v, want nil", err)
-			}
-		}
+		b.Cleanup(func() { srv.Close() })
 		go func() { done <- srv.Serve(ctx, l) }()
 	default:
 		b.Fatalf("unknown plugin %q", plugin)

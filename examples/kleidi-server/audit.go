@@ -51,13 +51,6 @@ func reopenOnSIGHUP(l *audit.Logger, log *slog.Logger) (stop func()) {
 	}
 }
 
-// lifecycle writes a plugin.start or plugin.stop record to the audit log, if there is one.
-func lifecycle(l *audit.Logger, event, keyID, provider string) {
-	if l != nil {
-		l.Log(audit.Record{Event: event, KeyID: keyID, Provider: provider})
-	}
-}
-
 func runVerifyAudit(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("verify-audit", stderr)
 	live := fs.Bool("live", false, "the last file is still being written by a running plugin: do not require its checkpoint")

@@ -55,24 +55,6 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		defer auditLog.Close()
 		defer reopenOnSIGHUP(auditLog, o.log)()
 	}
-	// open checks and, on a first start, initialises the state directory, as every command does. The server builds
-	// the Envelope it serves over the same root and keyring, with the metrics and the audit log wired in.
-	p, env, created, err := o.open(ctx)
-	if errors.Is(err, pkcs11.ErrPIN) {
-		return holdRefusedPIN(ctx, *httpAddr, o.log, err)
-	}
-	if err != nil {
-		return err
-	}
-	defer p.Close()
-	env.Close()
-	if created {
-		o.log.Info("initialised the state directory with a first KEK", "state_dir", o.stateDir, "key_id", env.KeyID())
-	}
-	state, err := o.loadNodeState()
-	if err != nil {
-		return err
-	}
 	var srv *server.Server
 	cfg := server.Config{Logger: o.log, SocketMode: mode.fileMode(), AllowedUIDs: allowed, Metrics: m, Audit: auditLog,
 		OnReload: func(err error, _ bool) {
@@ -82,11 +64,28 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 				}
 			}
 		}}
-	srv, err = server.New(ctx, p, kleidi.NewFileKeyring(o.keyringPath()), cfg, append(recipientOpeners(), kleidi.WithNodeState(state))...)
+	// open checks and, on a first start, initialises the state directory, as every command does; the Envelope it
+	// opens is the server's.
+	o.newEnvelope = func(ctx context.Context, p kleidi.Provider, ring kleidi.Keyring, opts ...kleidi.Option) (*kleidi.Envelope, error) {
+		s, err := server.New(ctx, p, ring, cfg, opts...)
+		if err != nil {
+			return nil, err
+		}
+		srv = s
+		return s.Envelope(), nil
+	}
+	p, env, created, err := o.open(ctx)
+	if errors.Is(err, pkcs11.ErrPIN) {
+		return holdRefusedPIN(ctx, *httpAddr, o.log, err)
+	}
 	if err != nil {
 		return err
 	}
+	defer p.Close()
 	defer srv.Close()
+	if created {
+		o.log.Info("initialised the state directory with a first KEK", "state_dir", o.stateDir, "key_id", env.KeyID())
+	}
 	if *httpAddr != "off" && *httpAddr != "" {
 		stopHTTP, err := serveHTTP(*httpAddr, srv.Handler(), o.log)
 		if err != nil {

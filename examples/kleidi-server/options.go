@@ -20,7 +20,6 @@ import (
 	"github.com/kleidi-kms/kleidi/awskms"
 	"github.com/kleidi-kms/kleidi/gpg"
 	"github.com/kleidi-kms/kleidi/internal/trustedpath"
-	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/pkcs11"
 	"github.com/kleidi-kms/kleidi/tpm"
 	"github.com/kleidi-kms/kleidi/tpm/tpmsim"
@@ -63,9 +62,9 @@ type options struct {
 	// trustedMembers are the members --trusted-member names: trusted beside those of the node state.
 	trustedMembers stringList
 
-	// Set by serve before open: the provider is instrumented and the Envelope's key operations audited.
-	metrics *metrics.Metrics
-	audit   *audit.Logger
+	// newEnvelope builds the Envelope open returns: serve's builds the server, which wires metrics and audit in.
+	// Default: kleidi.NewEnvelope.
+	newEnvelope func(ctx context.Context, p kleidi.Provider, ring kleidi.Keyring, opts ...kleidi.Option) (*kleidi.Envelope, error)
 }
 
 func (o *options) register(fs *flag.FlagSet) {
@@ -166,19 +165,17 @@ func (o *options) open(ctx context.Context) (kleidi.Provider, *kleidi.Envelope, 
 	if o.createKeyring {
 		opts = append(opts, kleidi.WithCreateIfEmpty())
 	}
-	if o.metrics != nil {
-		p = o.metrics.Provider(p)
-	}
-	if o.audit != nil {
-		opts = append(opts, kleidi.WithKeyEvents(o.audit.KeyEvents(p.Name())))
-	}
 	state, err := o.loadNodeState()
 	if err != nil {
 		p.Close()
 		return nil, nil, false, err
 	}
 	opts = append(append(opts, recipientOpeners()...), kleidi.WithNodeState(state))
-	env, err := kleidi.NewEnvelope(ctx, p, kleidi.NewFileKeyring(o.keyringPath()), opts...)
+	build := o.newEnvelope
+	if build == nil {
+		build = kleidi.NewEnvelope
+	}
+	env, err := build(ctx, p, kleidi.NewFileKeyring(o.keyringPath()), opts...)
 	if err != nil {
 		p.Close()
 		return nil, nil, false, err
