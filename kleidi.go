@@ -72,17 +72,19 @@ var errorKinds = []struct {
 	err  error
 	kind string
 }{
+	// First the kinds that say "try again later": an error joined from an outage and a refusal (one copy's root
+	// away, another refused) is an outage, so the caller retries rather than giving up.
+	{ErrUnavailable, "unavailable"},
+	{ErrClosed, "closed"},
 	{ErrInvalidCiphertext, "invalid_ciphertext"},
 	{ErrDecrypt, "decrypt_failed"},
 	{ErrUnknownKey, "unknown_key"},
 	{ErrKeyMismatch, "key_mismatch"},
 	{ErrUnauthenticated, "unauthenticated"},
 	{ErrUnwrap, "unwrap_refused"},
-	{ErrUnavailable, "unavailable"},
 	{ErrInvalidKeyring, "invalid_keyring"},
 	{ErrKeyExhausted, "key_exhausted"},
 	{ErrTooLarge, "too_large"},
-	{ErrClosed, "closed"},
 	{context.Canceled, "canceled"},
 	{context.DeadlineExceeded, "deadline_exceeded"},
 }

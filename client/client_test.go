@@ -43,6 +43,15 @@ func startPlugin(t *testing.T, p kleidi.Provider) string {
 		<-done
 		srv.Close()
 	})
+	// Serving once the socket exists: a test that calls at once must not race the bind.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, err := os.Stat(filepath.Join(dir, "kms.sock")); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the plugin did not create its socket")
+		}
+	}
 	return endpoint
 }
 
