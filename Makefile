@@ -7,7 +7,7 @@ TEST_MODULES := $(dir $(wildcard test/*/go.mod examples/*/go.mod awskms/go.mod))
 
 # Packages of the root module whose tests start real components (swtpm and the TPM simulator, SoftHSM, helm, the
 # binaries, systemd units); the rest are unit tests.
-INTEGRATION_PKGS := ./tpm/... ./pkcs11/... ./deploy/...
+INTEGRATION_PKGS := ./tpm/... ./pkcs11/... ./deploy/... ./examples/file-agent/...
 
 .PHONY: test lint unit integration e2e bench fuzz
 
@@ -21,9 +21,10 @@ lint:
 
 # Unit and fuzz-seed tests of the library, the gpg provider and the server, with the race detector.
 unit:
-	$(GO) test -race -count=1 -timeout 15m $$($(GO) list ./... | grep -v -e /tpm -e /pkcs11 -e /deploy)
+	$(GO) test -race -count=1 -timeout 15m $$($(GO) list ./... | grep -v -e /tpm -e /pkcs11 -e /deploy -e /examples/file-agent)
 
-# Tests of the root module against real components: the TPM providers, PKCS#11, the deployment files.
+# Tests of the root module against real components: the TPM providers, PKCS#11, the deployment files, and the
+# file agent's binary on 100 MiB files.
 integration:
 	$(GO) test -race -count=1 -timeout 15m $(INTEGRATION_PKGS)
 
@@ -38,4 +39,4 @@ bench:
 
 # A short run of each fuzz target of the root package.
 fuzz:
-	for f in FuzzParseCiphertext FuzzParseKeyring FuzzParseIdentity FuzzDecrypt; do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 30s . || exit 1; done
+	for f in FuzzParseCiphertext FuzzParseKeyring FuzzParseIdentity FuzzDecrypt FuzzOpen FuzzDecryptStream FuzzStreamRoundTrip; do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 30s . || exit 1; done

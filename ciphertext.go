@@ -40,7 +40,7 @@ type Ciphertext struct {
 	// part of [Ciphertext.Bytes]: callers that want self-contained data store it beside them (the KMS v2 server
 	// puts it in an annotation). [Envelope.Decrypt] unwraps it only when the key is not in its keyring, and only
 	// after its proof verifies and before accepting that it unwraps to the key the ciphertext names. It is
-	// public, and shared: do not modify it.
+	// public, and shared: do not modify it. For self-contained data in one value, use [Envelope.Seal].
 	WrappedKey []byte
 }
 

@@ -19,6 +19,15 @@
 // self-contained: a process that lost its keyring still decrypts, as long as its root of trust unwraps the KEK
 // and the KEK's identity matches the key ID the ciphertext names.
 //
+// For data stored by a program of its own, [Envelope.Seal] and [Envelope.Open] keep a ciphertext and its attached
+// key in one versioned value, and [Envelope.EncryptStream] and [Envelope.DecryptStream] encrypt data of any size in
+// authenticated 64 KiB segments under a fresh stream key sealed by the KEK.
+//
+// Several roots of trust share one keyring when their provider is a [Node]: every KEK is wrapped for every
+// [Member] (through a [Recipient]), and a node trusts only members endorsed by the members it trusts
+// ([NodeState]). [Envelope.Stage], [Envelope.Activate], [Envelope.Enroll], [Envelope.Unenroll] and [Recover] are
+// the steps of rotations and membership across nodes.
+//
 // Key IDs are public and opaque: "kleidi-<provider>-<fingerprint>", where the fingerprint is an HMAC of the
 // KEK. The same KEK has the same ID on every node; a new KEK never repeats an old ID.
 //
@@ -26,6 +35,8 @@
 // test them with [errors.Is]. No error, log line or String method of this package contains key material or
 // plaintext.
 //
-// Providers live in subpackages (gpg, tpm); kleiditest holds an insecure in-memory provider and the
-// conformance suite every provider passes. The server package turns an Envelope into a KMS v2 plugin.
+// Providers live in subpackages (gpg, tpm, pkcs11) and modules (awskms); [NewAEADProvider] makes one of any root
+// that encrypts bytes. kleiditest holds insecure in-memory providers and the conformance suites every provider
+// (TestProvider, TestNode) and every KMS v2 plugin (TestPlugin) passes. The server package turns a provider and a
+// keyring into a KMS v2 plugin, with metrics and audit wired; package client dials one.
 package kleidi
