@@ -116,18 +116,6 @@ func assertNoHandles(t testing.TB, p *Provider, others ...*Provider) {
 	})
 }
 
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // commandLog records the commands sent through a provider's connection: their codes, and their bytes.
 type commandLog struct {
 	mu    sync.Mutex

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -324,7 +325,7 @@ func TestPersistentSRK(t *testing.T) {
 func TestParsePCRs(t *testing.T) {
 	for in, want := range map[string][]int{"": nil, "7": {7}, "7, 0,7,23": {0, 7, 23}} {
 		got, err := ParsePCRs(in)
-		if err != nil || !equalInts(got, want) {
+		if err != nil || !slices.Equal(got, want) {
 			t.Errorf("ParsePCRs(%q) = %v, %v; want %v, nil", in, got, err, want)
 		}
 	}

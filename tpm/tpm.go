@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math/bits"
 	"os"
 	"slices"
 	"strconv"
@@ -341,7 +342,7 @@ func readPCRDigest(t transport.TPM, pcrs uint32) ([]byte, error) {
 				got |= uint32(b) << (8 * i)
 			}
 		}
-		if got == 0 || got&^left != 0 || bitCount(got) != len(rsp.PCRValues.Digests) {
+		if got == 0 || got&^left != 0 || bits.OnesCount32(got) != len(rsp.PCRValues.Digests) {
 			return nil, fmt.Errorf("tpm: reading PCRs %v of the SHA-256 bank: is that bank active?", pcrList(left))
 		}
 		for _, d := range rsp.PCRValues.Digests {
@@ -354,14 +355,6 @@ func readPCRDigest(t transport.TPM, pcrs uint32) ([]byte, error) {
 		}
 	}
 	return h.Sum(nil), nil
-}
-
-func bitCount(x uint32) int {
-	n := 0
-	for ; x != 0; x &= x - 1 {
-		n++
-	}
-	return n
 }
 
 func pcrList(pcrs uint32) []int {

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -236,7 +237,7 @@ func (e *env) checkSecret(name string) error {
 func (e *env) checkAllSecrets(t testing.TB, skip ...string) {
 	t.Helper()
 	for name := range e.want {
-		if contains(skip, name) {
+		if slices.Contains(skip, name) {
 			continue
 		}
 		if err := e.checkSecret(name); err != nil {
@@ -349,15 +350,6 @@ func sumMetric(exposition, metric string, parts ...string) float64 {
 
 func keyIDHash(keyID string) string {
 	return fmt.Sprintf("sha256:%x", sha256.Sum256([]byte(keyID)))
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // Scenario 1: Secrets written through the API are stored as kleidi KMS v2
