@@ -337,7 +337,7 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 	} else {
 		e.misses.Add(1)
 		var err error
-		if k, err = e.kek(ctx, c.KeyID(), c.WrappedKey); err != nil {
+		if k, err = e.findKEK(ctx, c.KeyID(), c.WrappedKey); err != nil {
 			return nil, fmt.Errorf("kleidi: decrypt: %w", err)
 		}
 	}
@@ -348,8 +348,8 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 	return plaintext, nil
 }
 
-// kek unwraps KEK id, not yet in memory, from the keyring's copies or else from the attached key.
-func (e *Envelope) kek(ctx context.Context, id string, attached []byte) (*kek, error) {
+// findKEK unwraps KEK id, not yet in memory, from the keyring's copies or else from the attached key.
+func (e *Envelope) findKEK(ctx context.Context, id string, attached []byte) (*kek, error) {
 	if _, ok := (*e.records.Load())[id]; !ok && e.mayReload() {
 		if err := e.Reload(ctx); err == nil {
 			if k := (*e.keys.Load())[id]; k != nil {
