@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kleidi-kms/kleidi/internal/atomicfile"
 	"github.com/kleidi-kms/kleidi/internal/trustedpath"
 )
 
@@ -67,7 +68,7 @@ func (k *FileKeyring) Update(ctx context.Context, change func(*Ring) error) (Rin
 	if err != nil {
 		return Ring{}, err
 	}
-	if err := writeFileAtomic(k.path, b, uid, gid); err != nil {
+	if err := atomicfile.Write(k.path, b, atomicfile.Options{UID: uid, GID: gid, Chown: uid != -1 || gid != -1}); err != nil {
 		return Ring{}, fmt.Errorf("kleidi: write keyring %s: %w", k.path, err)
 	}
 	return ring, nil
@@ -199,47 +200,4 @@ func (k *FileKeyring) lock(ctx context.Context, how int) (unlock func(), err err
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
-}
-
-// writeFileAtomic replaces path with data: a temporary file in the same directory, fsync, rename, fsync of the
-// directory. Readers see the old file or the new one, never a mix, even after a crash. The new file gets owner
-// uid and gid; -1 keeps this process's.
-func writeFileAtomic(path string, data []byte, uid, gid int) (err error) {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if err := tmp.Chmod(0o600); err != nil {
-		return err
-	}
-	if uid != -1 || gid != -1 {
-		if err := tmp.Chown(uid, gid); err != nil {
-			return err
-		}
-	}
-	if _, err := tmp.Write(data); err != nil {
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/kleidi-kms/kleidi/internal/atomicfile"
 )
 
 // Files [GenerateDevelopmentKey] writes.
@@ -46,46 +48,11 @@ func GenerateDevelopmentKey(dir string) (Config, error) {
 	}
 	defer clear(priv)
 	// The public key first: the private key file, written last, marks a complete pair.
-	if err := writeNew(filepath.Join(dir, DevelopmentPublicKeyFile), pub); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, DevelopmentPublicKeyFile), pub, atomicfile.Options{NoReplace: true}); err != nil {
 		return Config{}, fmt.Errorf("gpg: development key: %w", err)
 	}
-	if err := writeNew(c.PrivateKeyFile, priv); err != nil {
+	if err := atomicfile.Write(c.PrivateKeyFile, priv, atomicfile.Options{NoReplace: true}); err != nil {
 		return Config{}, fmt.Errorf("gpg: development key: %w", err)
 	}
 	return c, nil
-}
-
-// writeNew writes data to a new file at path with mode 0600, durably and atomically. If path exists (another
-// process won the race), it is left as it is and writeNew returns nil.
-func writeNew(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".kleidi-key-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Link(tmp, path); err != nil && !errors.Is(err, fs.ErrExist) {
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/gpg"
+	"github.com/kleidi-kms/kleidi/internal/atomicfile"
 	"github.com/kleidi-kms/kleidi/tpm"
 )
 
@@ -57,25 +58,8 @@ func (o *options) saveNodeState(env *kleidi.Envelope) error {
 	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, b) {
 		return nil
 	}
-	f, err := os.CreateTemp(o.stateDir, nodeStateFile+".*")
-	if err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	defer os.Remove(f.Name())
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	if err := o.giveToStateOwner(f.Name()); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
+	uid, gid := o.stateOwnerIDs()
+	if err := atomicfile.Write(path, b, atomicfile.Options{UID: uid, GID: gid, Chown: uid >= 0}); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
 	return nil
