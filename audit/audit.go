@@ -4,7 +4,7 @@
 //
 // # Schema
 //
-// Records are JSON lines written through log/slog. The keys are stable; a key without a value is left out.
+// Records are JSON lines, as log/slog's JSON handler writes them. The keys are stable; a key without a value is left out.
 //
 //	time         RFC 3339 time with nanoseconds
 //	event        kms.status, kms.encrypt, kms.decrypt, key.unwrap, key.rotate, key.rewrap, keyring.reload,
@@ -35,13 +35,10 @@ package audit
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -111,7 +108,6 @@ type Logger struct {
 	flushed  *sync.Cond // signalled when a batch is written
 	path     string     // "" for a stream
 	w        io.Writer
-	logger   *slog.Logger
 	wake     chan struct{} // tells the writer goroutine there are pending records
 	closed   bool
 
@@ -149,7 +145,6 @@ func New(w io.Writer) *Logger {
 func newLogger(w io.Writer) *Logger {
 	l := &Logger{w: w, wake: make(chan struct{}, 1)}
 	l.flushed = sync.NewCond(&l.mu)
-	l.logger = slog.New(&recordHandler{w: (*recordBuffer)(l)})
 	go l.writeLoop()
 	return l
 }
@@ -271,15 +266,18 @@ func (l *Logger) startFile(t tail) {
 
 // logOpen encodes an audit.open record. The caller holds mu.
 func (l *Logger) logOpen(torn int) {
-	attrs := []slog.Attr{slog.String("outcome", "ok"), slog.Uint64("records", l.lines)}
+	start := len(l.pending)
+	b := appendHead(l.pending, time.Now(), EventOpen)
+	b = appendString(b, "outcome", "ok")
+	b = appendUint(b, "records", l.lines)
 	if torn > 0 {
-		attrs = append(attrs, slog.Int("torn_bytes", torn))
+		b = appendInt(b, "torn_bytes", int64(torn))
 	}
 	if l.lost > 0 {
-		attrs = append(attrs, slog.Uint64("lost", l.lost))
+		b = appendUint(b, "lost", l.lost)
 		l.lost = 0
 	}
-	l.encode(time.Now(), EventOpen, attrs)
+	l.seal(b, start)
 }
 
 // checkpoint writes the pending records and an audit.checkpoint record, the last of the file: mu stays held
@@ -287,16 +285,20 @@ func (l *Logger) logOpen(torn int) {
 // holds mu.
 func (l *Logger) checkpoint() {
 	l.idle()
-	l.encode(time.Now(), EventCheckpoint, []slog.Attr{slog.String("outcome", "ok"), slog.Uint64("records", l.lines)})
+	start := len(l.pending)
+	b := appendHead(l.pending, time.Now(), EventCheckpoint)
+	b = appendString(b, "outcome", "ok")
+	l.seal(appendUint(b, "records", l.lines), start)
 	l.write(false)
 }
 
-// encode appends a record, linked to the one before, to the pending lines. The caller holds mu.
-func (l *Logger) encode(t time.Time, event string, attrs []slog.Attr) {
-	attrs = append(attrs, slog.String("prev", hex.EncodeToString(l.prev[:])))
-	rec := slog.NewRecord(t, slog.LevelInfo, event, 0)
-	rec.AddAttrs(attrs...)
-	l.logger.Handler().Handle(context.Background(), rec) // appends the line to pending
+// seal ends the record that b, the pending lines, holds from start: it links it to the record before with prev,
+// and makes b the pending lines and the record's hash the next one's prev. The caller holds mu.
+func (l *Logger) seal(b []byte, start int) {
+	b = appendPrev(b, &l.prev)
+	l.prev = sha256.Sum256(b[start:])
+	l.pending = b
+	l.lines++
 }
 
 // idle writes every pending record, waiting for a batch the writer goroutine is writing. It gives up after a
@@ -400,36 +402,14 @@ func (l *Logger) Log(r Record) {
 	if r.Time.IsZero() {
 		r.Time = time.Now()
 	}
-	attrs := make([]slog.Attr, 0, 12)
-	if r.RequestUID != "" {
-		attrs = append(attrs, slog.String("request_uid", r.RequestUID))
-	}
-	if r.Caller != nil {
-		attrs = append(attrs, slog.Uint64("caller_uid", uint64(r.Caller.UID)), slog.Uint64("caller_gid", uint64(r.Caller.GID)),
-			slog.Int64("caller_pid", int64(r.Caller.PID)))
-	}
-	if r.KeyID != "" {
-		attrs = append(attrs, slog.String("key_id", r.KeyID))
-	}
-	if r.Provider != "" {
-		attrs = append(attrs, slog.String("provider", r.Provider))
-	}
-	if r.ErrorType == "" {
-		attrs = append(attrs, slog.String("outcome", "ok"))
-	} else {
-		attrs = append(attrs, slog.String("outcome", "error"), slog.String("error_type", r.ErrorType))
-	}
-	if r.Event == EventReload {
-		attrs = append(attrs, slog.Bool("changed", r.Changed))
-	}
-	attrs = append(attrs, slog.Int64("duration_us", r.Duration.Microseconds())) // an integer: slog encodes floats slowly
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
 		l.lostRecords.Add(1)
 		return
 	}
-	l.encode(r.Time, r.Event, attrs)
+	start := len(l.pending)
+	l.seal(appendFields(appendHead(l.pending, r.Time, r.Event), &r), start)
 	if len(l.pending) > MaxPending && !l.writing { // the log cannot be written: do not grow without bound
 		l.writeBatch() // drops the records beyond MaxPending if it fails
 	}
@@ -545,15 +525,4 @@ func (l *Logger) KeyEvents(provider string) func(kleidi.KeyEvent) {
 		}
 		l.Log(r)
 	}
-}
-
-// recordBuffer is where the JSON handler writes: each record arrives as one Write (slog writes a record at once)
-// and is appended to the pending batch, and its hash becomes the next record's prev. Logger.mu is held.
-type recordBuffer Logger
-
-func (b *recordBuffer) Write(line []byte) (int, error) {
-	b.prev = sha256.Sum256(line)
-	b.pending = append(b.pending, line...)
-	b.lines++
-	return len(line), nil
 }

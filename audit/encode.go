@@ -1,55 +1,78 @@
 package audit
 
 import (
-	"context"
-	"io"
-	"log/slog"
+	"crypto/sha256"
+	"encoding/hex"
 	"strconv"
 	"time"
 	"unicode/utf8"
 )
 
-// recordHandler is the slog.Handler of audit records: one JSON object per line, "time" and "event" (the record's
-// message) first, then the attributes in order; no level. It knows only the flat schema of this package, which
-// lets it encode a record in a fraction of slog.JSONHandler's time: an audit record is written on every call.
-// Its output is the JSON slog.JSONHandler writes for the same record, without the level. It is called under
-// Logger.mu, which guards buf.
-type recordHandler struct {
-	w   io.Writer
-	buf []byte
+// The encoder of audit records: one JSON object per line, "time" and "event" first, then the fields in the order
+// of the package documentation, "prev" last. It knows only the flat schema of this package and appends to the
+// pending lines directly, with no reflection and no allocation: a record is written on every call. Its output is
+// the JSON slog.JSONHandler writes for the same fields, without the level.
+
+// appendHead begins a record: its time and event.
+func appendHead(b []byte, t time.Time, event string) []byte {
+	b = append(b, `{"time":"`...)
+	b = t.AppendFormat(b, time.RFC3339Nano)
+	b = append(b, `","event":`...)
+	return appendJSONString(b, event)
 }
 
-func (h *recordHandler) Enabled(context.Context, slog.Level) bool { return true }
+// appendKey appends a field's separator and key; keys are this package's constants, which need no escaping.
+func appendKey(b []byte, key string) []byte {
+	b = append(b, ',', '"')
+	b = append(b, key...)
+	return append(b, '"', ':')
+}
 
-// WithAttrs and WithGroup are not used by this package; a record's attributes carry the whole schema.
-func (h *recordHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
-func (h *recordHandler) WithGroup(string) slog.Handler      { return h }
+func appendString(b []byte, key, v string) []byte { return appendJSONString(appendKey(b, key), v) }
 
-func (h *recordHandler) Handle(_ context.Context, r slog.Record) error {
-	b := append(h.buf[:0], `{"time":"`...)
-	b = r.Time.AppendFormat(b, time.RFC3339Nano)
-	b = append(b, `","event":`...)
-	b = appendJSONString(b, r.Message)
-	r.Attrs(func(a slog.Attr) bool {
-		b = append(b, ',')
-		b = appendJSONString(b, a.Key)
-		b = append(b, ':')
-		switch v := a.Value; v.Kind() {
-		case slog.KindInt64:
-			b = strconv.AppendInt(b, v.Int64(), 10)
-		case slog.KindUint64:
-			b = strconv.AppendUint(b, v.Uint64(), 10)
-		case slog.KindBool:
-			b = strconv.AppendBool(b, v.Bool())
-		default:
-			b = appendJSONString(b, v.String())
-		}
-		return true
-	})
-	b = append(b, "}\n"...)
-	h.buf = b
-	_, err := h.w.Write(b)
-	return err
+func appendUint(b []byte, key string, v uint64) []byte {
+	return strconv.AppendUint(appendKey(b, key), v, 10)
+}
+
+func appendInt(b []byte, key string, v int64) []byte {
+	return strconv.AppendInt(appendKey(b, key), v, 10)
+}
+
+func appendBool(b []byte, key string, v bool) []byte { return strconv.AppendBool(appendKey(b, key), v) }
+
+// appendFields appends the fields of r after its head, up to prev.
+func appendFields(b []byte, r *Record) []byte {
+	if r.RequestUID != "" {
+		b = appendString(b, "request_uid", r.RequestUID)
+	}
+	if c := r.Caller; c != nil {
+		b = appendUint(b, "caller_uid", uint64(c.UID))
+		b = appendUint(b, "caller_gid", uint64(c.GID))
+		b = appendInt(b, "caller_pid", int64(c.PID))
+	}
+	if r.KeyID != "" {
+		b = appendString(b, "key_id", r.KeyID)
+	}
+	if r.Provider != "" {
+		b = appendString(b, "provider", r.Provider)
+	}
+	if r.ErrorType == "" {
+		b = appendString(b, "outcome", "ok")
+	} else {
+		b = appendString(b, "outcome", "error")
+		b = appendString(b, "error_type", r.ErrorType)
+	}
+	if r.Event == EventReload {
+		b = appendBool(b, "changed", r.Changed)
+	}
+	return appendInt(b, "duration_us", r.Duration.Microseconds())
+}
+
+// appendPrev ends a record with prev, the hash of the line before it.
+func appendPrev(b []byte, prev *[sha256.Size]byte) []byte {
+	b = append(b, `,"prev":"`...)
+	b = hex.AppendEncode(b, prev[:])
+	return append(b, "\"}\n"...)
 }
 
 const hexDigits = "0123456789abcdef"
