@@ -23,33 +23,33 @@ const (
 	MaxProviderNameSize = 16
 )
 
-// Sentinel errors. Errors returned by this module wrap one of them with the operation for context; compare with
-// [errors.Is].
+// Sentinel errors. Errors returned by this module wrap one of them with the operation for context, and carry the
+// "kleidi: " prefix once, where they are made; compare with [errors.Is].
 var (
 	// ErrInvalidCiphertext means the bytes are not a ciphertext of a format this package knows.
-	ErrInvalidCiphertext = errors.New("kleidi: invalid ciphertext")
+	ErrInvalidCiphertext = errors.New("invalid ciphertext")
 	// ErrDecrypt means authentication failed: the ciphertext, its key or its associated data was altered.
-	ErrDecrypt = errors.New("kleidi: decryption failed")
+	ErrDecrypt = errors.New("decryption failed")
 	// ErrUnknownKey means the ciphertext names a key that is neither in the keyring nor attached to it.
-	ErrUnknownKey = errors.New("kleidi: unknown key")
+	ErrUnknownKey = errors.New("unknown key")
 	// ErrKeyMismatch means a wrapped key unwrapped to a key whose identity is not the key ID it claimed.
-	ErrKeyMismatch = errors.New("kleidi: key does not match its key ID")
+	ErrKeyMismatch = errors.New("key does not match its key ID")
 	// ErrUnauthenticated means a wrapped key carries no valid proof that a legitimate holder of the root of trust
 	// made it (see [Authenticator]): it was forged, or made by another root.
-	ErrUnauthenticated = errors.New("kleidi: wrapped key not authenticated")
+	ErrUnauthenticated = errors.New("wrapped key not authenticated")
 	// ErrUnwrap means the provider refused to unwrap a key: it was wrapped by another root of trust,
 	// tampered with, or the root's policy (a PCR, a passphrase) no longer allows it.
-	ErrUnwrap = errors.New("kleidi: unwrap refused")
+	ErrUnwrap = errors.New("unwrap refused")
 	// ErrUnavailable means the root of trust cannot be reached now (a TPM that went away); retrying later may work.
-	ErrUnavailable = errors.New("kleidi: root of trust unavailable")
+	ErrUnavailable = errors.New("root of trust unavailable")
 	// ErrInvalidKeyring means a keyring is truncated, corrupt or of a version this package does not know.
-	ErrInvalidKeyring = errors.New("kleidi: invalid keyring")
+	ErrInvalidKeyring = errors.New("invalid keyring")
 	// ErrKeyExhausted means a KEK encrypted as many messages as it safely can (see [MaxEncryptionsPerKey]).
-	ErrKeyExhausted = errors.New("kleidi: key usage limit reached")
+	ErrKeyExhausted = errors.New("key usage limit reached")
 	// ErrTooLarge means an input exceeds a limit of this package.
-	ErrTooLarge = errors.New("kleidi: input too large")
+	ErrTooLarge = errors.New("input too large")
 	// ErrClosed means the provider or the Envelope was closed.
-	ErrClosed = errors.New("kleidi: closed")
+	ErrClosed = errors.New("closed")
 )
 
 // ErrorKind names the class of err for audit records and metric labels, from a small fixed set: "ok" (nil),
