@@ -1,5 +1,6 @@
-// The reference binary built as the Containerfile builds it, run as the manifests run it.
 package deploy_test
+
+// This file: the reference binary built as the Containerfile builds it, run as the manifests run it.
 
 import (
 	"bytes"
