@@ -73,7 +73,7 @@ type Metrics struct {
 	regsMu   sync.Mutex               // guards regs
 	regs     []metric.Registration    // the callbacks of Observe and ObserveAudit, unregistered by Shutdown
 
-	rpcAttrs sync.Map // rpcKey -> metric.MeasurementOption, built once per method and code
+	rpcAttrs [len(kmsMethods)][codes.Unauthenticated + 2]metric.MeasurementOption // by method index and code; last: "other"
 
 	requests         metric.Int64Counter
 	requestDuration  metric.Float64Histogram
@@ -152,6 +152,12 @@ func New(opts ...Option) (*Metrics, error) {
 		o.meterProvider = m.meters
 	}
 	m.meter = o.meterProvider.Meter("github.com/kleidi-kms/kleidi")
+	for i, method := range kmsMethods {
+		for c := range m.rpcAttrs[i] {
+			m.rpcAttrs[i][c] = metric.WithAttributeSet(attribute.NewSet(
+				attribute.String("method", method), attribute.String("code", codeLabel(codes.Code(c)))))
+		}
+	}
 	var err error
 	buckets := metric.WithExplicitBucketBoundaries(latencyBuckets...)
 	var errs []error
@@ -286,19 +292,28 @@ func (m *Metrics) KeyringReloaded(err error, rotated bool) {
 	}
 }
 
-// kmsMethods maps the KMS v2 methods to their method label values; anything else is "other".
-var kmsMethods = map[string]string{"Status": "status", "Encrypt": "encrypt", "Decrypt": "decrypt"}
+// kmsMethods are the method label values, by the index methodIndex gives.
+var kmsMethods = [...]string{"other", "status", "encrypt", "decrypt"}
+
+// methodIndex returns the index in kmsMethods of a gRPC method: its KMS v2 method, or 0 for anything else.
+func methodIndex(fullMethod string) int {
+	switch fullMethod[strings.LastIndexByte(fullMethod, '/')+1:] {
+	case "Status":
+		return 1
+	case "Encrypt":
+		return 2
+	case "Decrypt":
+		return 3
+	}
+	return 0
+}
 
 // UnaryServerInterceptor counts and times every unary gRPC call by method and code.
 func (m *Metrics) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		resp, err := handler(ctx, req)
-		method, ok := kmsMethods[info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]]
-		if !ok {
-			method = "other"
-		}
-		attrs := m.rpcAttributes(method, status.Code(err))
+		attrs := m.rpcAttributes(methodIndex(info.FullMethod), status.Code(err))
 		m.requests.Add(ctx, 1, attrs)
 		m.requestDuration.Record(ctx, time.Since(start).Seconds(), attrs)
 		return resp, err
@@ -335,20 +350,14 @@ func codeLabel(c codes.Code) string {
 	return "other"
 }
 
-// rpcAttributes returns the labels of a call, built once per method and code: the set of both is small and fixed.
-func (m *Metrics) rpcAttributes(method string, code codes.Code) metric.MeasurementOption {
-	key := rpcKey{method, code}
-	if v, ok := m.rpcAttrs.Load(key); ok {
-		return v.(metric.MeasurementOption)
+// rpcAttributes returns the labels of a call, built once by New for every method and code: the set of both is
+// small and fixed.
+func (m *Metrics) rpcAttributes(method int, code codes.Code) metric.MeasurementOption {
+	row := &m.rpcAttrs[method]
+	if int(code) >= len(row)-1 {
+		return row[len(row)-1] // "other"
 	}
-	v, _ := m.rpcAttrs.LoadOrStore(key, metric.WithAttributeSet(attribute.NewSet(
-		attribute.String("method", method), attribute.String("code", codeLabel(code)))))
-	return v.(metric.MeasurementOption)
-}
-
-type rpcKey struct {
-	method string
-	code   codes.Code
+	return row[code]
 }
 
 // Provider returns p with every call counted and timed. If p is a [kleidi.Authenticator], so is the result, and
