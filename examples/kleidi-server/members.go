@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -15,7 +13,6 @@ import (
 
 	"github.com/kleidi-kms/kleidi"
 	"github.com/kleidi-kms/kleidi/gpg"
-	"github.com/kleidi-kms/kleidi/internal/atomicfile"
 	"github.com/kleidi-kms/kleidi/tpm"
 )
 
@@ -24,45 +21,31 @@ func recipientOpeners() []kleidi.Option {
 	return []kleidi.Option{kleidi.WithRecipientOpener("tpm", tpm.OpenRecipient), kleidi.WithRecipientOpener("gpg", gpg.OpenRecipient)}
 }
 
-// nodeStateFile, in the state directory, is what this node remembers of its keyring between runs
-// ([kleidi.NodeState]): the members it trusts and saw removed, the keys it saw retired, the keyring version it
-// read. The keyring, which other nodes and whoever distributes it can write, cannot be believed about these.
-const nodeStateFile = "node-state.json"
-
-// loadNodeState returns the node state of the state directory (empty for a node that has none yet), with the
-// members of --trusted-member added.
+// loadNodeState returns what this node remembers of its keyring (kleidi.NodeStateFileName in the state
+// directory; empty for a node that has none yet), with the members of --trusted-member added.
 func (o *options) loadNodeState() (kleidi.NodeState, error) {
-	var s kleidi.NodeState
-	b, err := os.ReadFile(filepath.Join(o.stateDir, nodeStateFile))
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-	case err != nil:
-		return s, fmt.Errorf("state directory: %w", err)
-	default:
-		if err := json.Unmarshal(b, &s); err != nil {
-			return s, fmt.Errorf("state directory: %s: %w", nodeStateFile, err)
-		}
+	d, err := kleidi.OpenStateDir(o.stateDir)
+	if err != nil {
+		return kleidi.NodeState{}, err
+	}
+	s, err := d.NodeState()
+	if err != nil {
+		return s, err
 	}
 	s.Trusted = append(s.Trusted, o.trustedMembers...)
 	return s, nil
 }
 
-// saveNodeState writes env's node state to the state directory when it differs from what is there.
-func (o *options) saveNodeState(env *kleidi.Envelope) error {
-	b, err := json.MarshalIndent(env.NodeState(), "", "  ")
+// saveNodeState writes env's node state to the state directory when it changed.
+func (o *options) saveNodeState(env *kleidi.Envelope) error { return o.resetNodeState(env.NodeState()) }
+
+// resetNodeState replaces the state directory's node state with s.
+func (o *options) resetNodeState(s kleidi.NodeState) error {
+	d, err := kleidi.OpenStateDir(o.stateDir)
 	if err != nil {
 		return err
 	}
-	b = append(b, '\n')
-	path := filepath.Join(o.stateDir, nodeStateFile)
-	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, b) {
-		return nil
-	}
-	uid, gid := o.stateOwnerIDs()
-	if err := atomicfile.Write(path, b, atomicfile.Options{UID: uid, GID: gid, Chown: uid >= 0}); err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	return nil
+	return d.SaveNodeState(s)
 }
 
 // enrollRecoveryKey makes the OpenPGP public key of --recovery-key a member of the keyring, if it is not one.
@@ -253,7 +236,7 @@ func runRecover(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if len(state.Trusted) == 0 {
 		return fmt.Errorf("%w: recover believes only copies signed by members you trust: this state directory has no "+
 			"%s naming them; pass --trusted-member with the member IDs of the lost nodes (kleidi-server recipients lists the keyring's)",
-			errUsage, nodeStateFile)
+			errUsage, kleidi.NodeStateFileName)
 	}
 	// A new or cleared TPM has a new storage root key: the pin of the old one goes; the node starts its trust anew,
 	// keeping only what it knew of retired keys.
@@ -287,17 +270,4 @@ func runRecover(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	defer p.Close()
 	fmt.Fprintf(stdout, "recovered %s for member %s\nkey_id: %s\n", o.keyringPath(), env.MemberID(), env.KeyID())
 	return nil
-}
-
-// resetNodeState replaces the state directory's node state with s.
-func (o *options) resetNodeState(s kleidi.NodeState) error {
-	b, err := json.MarshalIndent(s, "", "  ")
-	if err != nil {
-		return err
-	}
-	path := filepath.Join(o.stateDir, nodeStateFile)
-	if err := os.WriteFile(path, append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	return o.giveToStateOwner(path)
 }

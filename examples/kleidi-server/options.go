@@ -26,7 +26,7 @@ import (
 )
 
 // keyringFile is the keyring's name in the state directory.
-const keyringFile = "keyring.json"
+const keyringFile = kleidi.KeyringFileName
 
 // options are the flags every command that opens the keyring shares.
 type options struct {
@@ -321,19 +321,6 @@ func (o *options) markInitialised(keyID string) error {
 
 // giveToStateOwner gives path, and everything under it, to the state directory's owner when root made them in
 // another user's state directory, so that user (the plugin's) can read them.
-// stateOwnerIDs returns the owner new files in the state directory get when root writes them (the state
-// directory's, the plugin's user), or -1, -1 to keep this process's.
-func (o *options) stateOwnerIDs() (uid, gid int) {
-	if os.Geteuid() != 0 {
-		return -1, -1
-	}
-	u, g, err := trustedpath.Owner(o.stateDir)
-	if err != nil || u == 0 {
-		return -1, -1
-	}
-	return int(u), int(g)
-}
-
 func (o *options) giveToStateOwner(path string) error {
 	if os.Geteuid() != 0 {
 		return nil
