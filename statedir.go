@@ -59,7 +59,9 @@ func stateOwners(dir string) []uint32 {
 func (d *StateDir) Path() string { return d.path }
 
 // Keyring returns the keyring of the directory.
-func (d *StateDir) Keyring() *FileKeyring { return NewFileKeyring(filepath.Join(d.path, KeyringFileName)) }
+func (d *StateDir) Keyring() *FileKeyring {
+	return NewFileKeyring(filepath.Join(d.path, KeyringFileName))
+}
 
 // NodeState returns what the node saved of its keyring; a directory that has none gives the zero NodeState.
 func (d *StateDir) NodeState() (NodeState, error) {
