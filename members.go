@@ -9,7 +9,7 @@ import (
 // recovery key. A node unwraps every KEK with the root it holds, so nodes share one keyring.
 //
 // A member is trusted only through a chain of endorsements: each member is endorsed (signed for) by the member
-// that enrolled it, and a node trusts itself, the members it was told to trust ([WithTrustedMembers]) and, in
+// that enrolled it, and a node trusts itself, the members it remembers trusting ([NodeState], [WithNodeState]) and, in
 // turn, every member a trusted member endorsed. Nothing else in a keyring file is believed, so a party that can
 // write the keyring can remove members (and so deny service) but never add one: it cannot make a node wrap a
 // KEK for a key of its choosing, nor make it accept a KEK it chose.

@@ -319,7 +319,7 @@ func TestUnendorsedMemberReceivesNothing(t *testing.T) {
 		}
 	}
 	if got := nodes[0].env.NodeState().Trusted; slices.Contains(got, attackerID.ID()) || slices.Contains(got, otherID.ID()) {
-		t.Errorf("TrustedMembers() = %v includes an unendorsed member", got)
+		t.Errorf("NodeState().Trusted = %v includes an unendorsed member", got)
 	}
 }
 
