@@ -29,12 +29,17 @@ func (s *Server) newGRPCServer() *grpc.Server {
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		grpc.ChainUnaryInterceptor(interceptors...),
 		// Calls run on long-lived workers rather than a new goroutine each: a fresh goroutine grows its stack on
-		// every call, which cost more CPU than the call's own work.
-		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
+		// every call, which cost more CPU than the call's own work. gRPC starts a goroutine for a call that finds
+		// every worker busy, so there is one for each call in flight up to streamWorkers.
+		grpc.NumStreamWorkers(uint32(max(streamWorkers, runtime.GOMAXPROCS(0)))),
 	)
 	gs.RegisterService(&serviceDesc, s)
 	return gs
 }
+
+// streamWorkers is how many calls in flight the server runs on long-lived workers: what kube-apiserver's
+// concurrent callers reach under load. Idle workers cost a small stack each.
+const streamWorkers = 64
 
 // serviceDesc is k8s.io/kms/apis/v2's KeyManagementService with handlers that decode requests themselves: gRPC
 // answers a request it cannot decode (bad wire format, invalid UTF-8 in a string) with Internal, which a
