@@ -73,7 +73,7 @@ type Metrics struct {
 	regsMu   sync.Mutex               // guards regs
 	regs     []metric.Registration    // the callbacks of Observe and ObserveAudit, unregistered by Shutdown
 
-	rpcAttrs [len(kmsMethods)][codes.Unauthenticated + 2]metric.MeasurementOption // by method index and code; last: "other"
+	rpcAttrs [len(kmsMethods)][codes.Unauthenticated + 2]rpcOptions // by method index and code; last: "other"
 
 	requests         metric.Int64Counter
 	requestDuration  metric.Float64Histogram
@@ -154,8 +154,9 @@ func New(opts ...Option) (*Metrics, error) {
 	m.meter = o.meterProvider.Meter("github.com/kleidi-kms/kleidi")
 	for i, method := range kmsMethods {
 		for c := range m.rpcAttrs[i] {
-			m.rpcAttrs[i][c] = metric.WithAttributeSet(attribute.NewSet(
+			attrs := metric.WithAttributeSet(attribute.NewSet(
 				attribute.String("method", method), attribute.String("code", codeLabel(codes.Code(c)))))
+			m.rpcAttrs[i][c] = rpcOptions{add: []metric.AddOption{attrs}, record: []metric.RecordOption{attrs}}
 		}
 	}
 	var err error
@@ -313,9 +314,9 @@ func (m *Metrics) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		resp, err := handler(ctx, req)
-		attrs := m.rpcAttributes(methodIndex(info.FullMethod), status.Code(err))
-		m.requests.Add(ctx, 1, attrs)
-		m.requestDuration.Record(ctx, time.Since(start).Seconds(), attrs)
+		o := m.rpcAttributes(methodIndex(info.FullMethod), status.Code(err))
+		m.requests.Add(ctx, 1, o.add...)
+		m.requestDuration.Record(ctx, time.Since(start).Seconds(), o.record...)
 		return resp, err
 	}
 }
@@ -352,12 +353,19 @@ func codeLabel(c codes.Code) string {
 
 // rpcAttributes returns the labels of a call, built once by New for every method and code: the set of both is
 // small and fixed.
-func (m *Metrics) rpcAttributes(method int, code codes.Code) metric.MeasurementOption {
+func (m *Metrics) rpcAttributes(method int, code codes.Code) *rpcOptions {
 	row := &m.rpcAttrs[method]
 	if int(code) >= len(row)-1 {
-		return row[len(row)-1] // "other"
+		return &row[len(row)-1] // "other"
 	}
-	return row[code]
+	return &row[code]
+}
+
+// rpcOptions are the labels of a call as the instruments take them, in slices made once: a variadic argument
+// made at each call would be allocated at each call.
+type rpcOptions struct {
+	add    []metric.AddOption
+	record []metric.RecordOption
 }
 
 // Provider returns p with every call counted and timed. If p is a [kleidi.Authenticator], so is the result, and
