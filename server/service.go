@@ -33,7 +33,7 @@ func (s *Server) newGRPCServer() *grpc.Server {
 		// every worker busy, so there is one for each call in flight up to streamWorkers.
 		grpc.NumStreamWorkers(uint32(max(streamWorkers, runtime.GOMAXPROCS(0)))),
 	)
-	gs.RegisterService(&serviceDesc, s)
+	gs.RegisterService(s.serviceDesc(), s)
 	return gs
 }
 
@@ -44,47 +44,55 @@ const streamWorkers = 64
 // serviceDesc is k8s.io/kms/apis/v2's KeyManagementService with handlers that decode requests themselves: gRPC
 // answers a request it cannot decode (bad wire format, invalid UTF-8 in a string) with Internal, which a
 // client's bad input must never get. Here it gets InvalidArgument, through the same interceptors as any call.
-var serviceDesc = grpc.ServiceDesc{
-	ServiceName: kmsapi.KeyManagementService_ServiceDesc.ServiceName,
-	HandlerType: (*any)(nil),
-	Methods: []grpc.MethodDesc{
-		{MethodName: "Status", Handler: handler(kmsapi.KeyManagementService_Status_FullMethodName, (*Server).status)},
-		{MethodName: "Decrypt", Handler: handler(kmsapi.KeyManagementService_Decrypt_FullMethodName, (*Server).decrypt)},
-		{MethodName: "Encrypt", Handler: handler(kmsapi.KeyManagementService_Encrypt_FullMethodName, (*Server).encrypt)},
-	},
-	Metadata: kmsapi.KeyManagementService_ServiceDesc.Metadata,
+// The handlers are s's: what every call of a method shares is built here, once.
+func (s *Server) serviceDesc() *grpc.ServiceDesc {
+	return &grpc.ServiceDesc{
+		ServiceName: kmsapi.KeyManagementService_ServiceDesc.ServiceName,
+		HandlerType: (*any)(nil),
+		Methods: []grpc.MethodDesc{
+			{MethodName: "Status", Handler: handler(s, kmsapi.KeyManagementService_Status_FullMethodName, (*Server).status)},
+			{MethodName: "Decrypt", Handler: handler(s, kmsapi.KeyManagementService_Decrypt_FullMethodName, (*Server).decrypt)},
+			{MethodName: "Encrypt", Handler: handler(s, kmsapi.KeyManagementService_Encrypt_FullMethodName, (*Server).encrypt)},
+		},
+		Metadata: kmsapi.KeyManagementService_ServiceDesc.Metadata,
+	}
 }
 
-// handler decodes a request of type Req and runs method through the interceptors.
+// handler decodes a request of type Req and runs method of s through the interceptors.
 func handler[Req any, PReq interface {
 	*Req
 	proto.Message
-}, Resp proto.Message](fullMethod string, method func(*Server, context.Context, PReq) (Resp, error)) grpc.MethodHandler {
-	return func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
+}, Resp proto.Message](s *Server, fullMethod string, method func(*Server, context.Context, PReq) (Resp, error)) grpc.MethodHandler {
+	info := &grpc.UnaryServerInfo{Server: s, FullMethod: fullMethod}
+	call := func(ctx context.Context, req any) (any, error) {
+		resp, err := method(s, ctx, req.(PReq))
+		if err != nil {
+			return nil, err // not a typed nil in an interface
+		}
+		return resp, nil
+	}
+	return func(_ any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
 		var raw rawMessage
 		if err := dec(&raw); err != nil {
 			return nil, err
 		}
 		defer raw.buf.Free()
 		req := PReq(new(Req))
-		call := func(ctx context.Context, req any) (any, error) {
-			resp, err := method(srv.(*Server), ctx, req.(PReq))
-			if err != nil {
-				return nil, err // not a typed nil in an interface
-			}
-			return resp, nil
-		}
+		call := call
 		if err := proto.Unmarshal(raw.buf.ReadOnlyData(), req); err != nil { // copies what it keeps: buf is reused
 			proto.Reset(req)
-			call = func(context.Context, any) (any, error) {
-				return nil, status.Error(codes.InvalidArgument, "malformed request: not a valid protobuf message")
-			}
+			call = refuseMalformed
 		}
 		if interceptor == nil {
 			return call(ctx, req)
 		}
-		return interceptor(ctx, req, &grpc.UnaryServerInfo{Server: srv, FullMethod: fullMethod}, call)
+		return interceptor(ctx, req, info, call)
 	}
+}
+
+// refuseMalformed is the handler of a request that is not a valid protobuf message.
+func refuseMalformed(context.Context, any) (any, error) {
+	return nil, status.Error(codes.InvalidArgument, "malformed request: not a valid protobuf message")
 }
 
 // rawMessage is a request as received, decoded by the handler.
