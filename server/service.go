@@ -79,7 +79,7 @@ func handler[Req any, PReq interface {
 		defer raw.buf.Free()
 		req := PReq(new(Req))
 		call := call
-		if err := proto.Unmarshal(raw.buf.ReadOnlyData(), req); err != nil { // copies what it keeps: buf is reused
+		if err := unmarshalRequest(raw.buf.ReadOnlyData(), req); err != nil { // copies what it keeps: buf is reused
 			proto.Reset(req)
 			call = refuseMalformed
 		}
@@ -98,10 +98,16 @@ func refuseMalformed(context.Context, any) (any, error) {
 // rawMessage is a request as received, decoded by the handler.
 type rawMessage struct{ buf mem.Buffer }
 
-// rawCodec is gRPC's proto codec, except that it hands a *rawMessage the bytes as they are.
+// rawCodec is gRPC's proto codec, except that it hands a *rawMessage the bytes as they are and encodes Encrypt and
+// Decrypt responses itself (marshalResponse).
 type rawCodec struct{}
 
-func (rawCodec) Marshal(v any) (mem.BufferSlice, error) { return protoCodec().Marshal(v) }
+func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
+	if b, ok := marshalResponse(v); ok {
+		return mem.BufferSlice{mem.SliceBuffer(b)}, nil
+	}
+	return protoCodec().Marshal(v)
+}
 
 func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	if r, ok := v.(*rawMessage); ok {
