@@ -235,7 +235,7 @@ func (s *Server) guard(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 		err = statusError(err)
 	}
 	if s.cfg.Audit != nil {
-		s.cfg.Audit.Log(s.auditRecord(ctx, info, req, resp, code, time.Since(start)))
+		s.cfg.Audit.Log(s.auditRecord(ctx, info, req, resp, code, start))
 	}
 	return resp, err
 }
@@ -247,9 +247,10 @@ var auditEvents = map[string]string{
 	"/v2.KeyManagementService/Decrypt": audit.EventDecrypt,
 }
 
-// auditRecord describes a call for the audit log. Never plaintext or key material.
-func (s *Server) auditRecord(ctx context.Context, info *grpc.UnaryServerInfo, req, resp any, code codes.Code, d time.Duration) audit.Record {
-	r := audit.Record{Event: auditEvents[info.FullMethod], Provider: s.provider.Name(), Duration: d}
+// auditRecord describes a call that began at start for the audit log. Never plaintext or key material.
+func (s *Server) auditRecord(ctx context.Context, info *grpc.UnaryServerInfo, req, resp any, code codes.Code, start time.Time) audit.Record {
+	end := time.Now() // the record's time: the audit log does not read the clock again
+	r := audit.Record{Time: end, Event: auditEvents[info.FullMethod], Provider: s.provider.Name(), Duration: end.Sub(start)}
 	if r.Event == "" {
 		r.Event = "kms.other"
 	}
