@@ -37,9 +37,10 @@ func (s *Server) newGRPCServer() *grpc.Server {
 	return gs
 }
 
-// streamWorkers is how many calls in flight the server runs on long-lived workers: what kube-apiserver's
-// concurrent callers reach under load. Idle workers cost a small stack each.
-const streamWorkers = 64
+// streamWorkers is how many calls in flight the server runs on long-lived workers: about what kube-apiserver's
+// concurrent callers reach under load. Not more: the garbage collector shrinks the stack of an idle worker, which
+// grows it again on its next call, so idle workers cost as much as fresh goroutines.
+const streamWorkers = 16
 
 // serviceDesc is k8s.io/kms/apis/v2's KeyManagementService with handlers that decode requests themselves: gRPC
 // answers a request it cannot decode (bad wire format, invalid UTF-8 in a string) with Internal, which a
