@@ -15,13 +15,14 @@ import (
 	kmsservice "k8s.io/kms/pkg/service"
 
 	"github.com/kleidi-kms/kleidi"
+	"github.com/kleidi-kms/kleidi/audit"
 	"github.com/kleidi-kms/kleidi/gpg"
 	"github.com/kleidi-kms/kleidi/metrics"
 	"github.com/kleidi-kms/kleidi/server"
 )
 
-// BenchmarkPlugin runs the baseline and kleidi's server (gpg root of trust; bare, and with metrics wired as
-// kleidi-server wires them) in this process and calls each
+// BenchmarkPlugin runs the baseline and kleidi's server (gpg root of trust; bare, with metrics, and as operators
+// run it, with metrics and an audit log file, wired as kleidi-server wires them) in this process and calls each
 // through kube-apiserver's client on a unix socket, concurrency 16 (b.SetParallelism over GOMAXPROCS), so a
 // CPU profile shows where each spends its time:
 //
@@ -29,7 +30,7 @@ import (
 //
 // The figures of record come from compare.sh against the real binaries, not from this benchmark.
 func BenchmarkPlugin(b *testing.B) {
-	for _, plugin := range []string{"baseline", "kleidi-gpg", "kleidi-gpg-metrics"} {
+	for _, plugin := range []string{"baseline", "kleidi-gpg", "kleidi-gpg-metrics", "kleidi-gpg-operator"} {
 		b.Run(plugin, func(b *testing.B) {
 			endpoint := startBenchPlugin(b, plugin)
 			client, err := kmsv2.NewGRPCService(b.Context(), endpoint, providerName, 3*time.Second)
@@ -84,7 +85,7 @@ func startBenchPlugin(b *testing.B, plugin string) string {
 	switch plugin {
 	case "baseline":
 		go func() { done <- serveBaseline(ctx, l, 3*time.Second) }()
-	case "kleidi-gpg", "kleidi-gpg-metrics":
+	case "kleidi-gpg", "kleidi-gpg-metrics", "kleidi-gpg-operator":
 		cfg, err := gpg.GenerateDevelopmentKey(filepath.Join(dir, "gpg"))
 		if err != nil {
 			b.Fatalf("gpg.GenerateDevelopmentKey() err = %v, want nil", err)
@@ -95,13 +96,21 @@ func startBenchPlugin(b *testing.B, plugin string) string {
 		}
 		b.Cleanup(func() { p.Close() })
 		scfg := server.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
-		if plugin == "kleidi-gpg-metrics" {
+		if plugin != "kleidi-gpg" {
 			m, err := metrics.New()
 			if err != nil {
 				b.Fatalf("metrics.New() err = %v, want nil", err)
 			}
 			b.Cleanup(func() { m.Shutdown(context.Background()) })
 			scfg.Metrics = m
+		}
+		if plugin == "kleidi-gpg-operator" {
+			a, err := audit.OpenFile(filepath.Join(dir, "audit.log"))
+			if err != nil {
+				b.Fatalf("audit.OpenFile() err = %v, want nil", err)
+			}
+			b.Cleanup(func() { a.Close() })
+			scfg.Audit = a
 		}
 		srv, err := server.New(ctx, p, kleidi.NewFileKeyring(filepath.Join(dir, "keyring.json")), scfg, kleidi.WithCreateIfEmpty())
 		if err != nil {
