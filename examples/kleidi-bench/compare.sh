@@ -8,6 +8,9 @@
 #   examples/kleidi-bench/compare.sh                    # defaults below; about 12 minutes
 #   REPEAT=5 DURATION=20s CONCURRENCY=16 examples/kleidi-bench/compare.sh
 #
+# BEFORE=<commit> also runs kleidi-server as it was at that commit, as operators run it ("kleidi-gpg-before"), in
+# the same alternating runs, so a change is measured against what it changed on one machine at one time.
+#
 # Results go to $OUT (default ./kleidi-bench-results-<time>): compare.txt and compare.json (every run), and
 # summary.txt (machine, time to healthy, resident set). Needs go and swtpm (installed with apt-get when
 # missing and running as root).
@@ -21,6 +24,7 @@ METHODS=${METHODS:-encrypt,decrypt}
 RESTARTS=${RESTARTS:-3}   # restarts on an existing keyring, for the time to healthy
 IDLE=${IDLE:-5}           # seconds a plugin idles before its idle resident set is read
 OUT=${OUT:-$PWD/kleidi-bench-results-$(date -u +%Y%m%dT%H%M%SZ)}
+BEFORE=${BEFORE:-}        # a commit whose kleidi-server runs beside the others, as kleidi-gpg-before
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -87,6 +91,14 @@ vm() { # vm PID FIELD: a field of /proc/PID/status in KiB
 log "building into $bin"
 (cd "$here" && go build -o "$bin/kleidi-bench" .)
 (cd "$root/examples/kleidi-server" && go build -o "$bin/kleidi-server" .)
+plugins=(kleidi-gpg kleidi-gpg-bare kleidi-tpm) # every kleidi-server; "-bare" ones run without audit log and HTTP
+if [[ -n $BEFORE ]]; then
+	log "building kleidi-server at $BEFORE"
+	mkdir -p "$work/before"
+	git -C "$root" archive "$BEFORE" | tar -x -C "$work/before"
+	(cd "$work/before/examples/kleidi-server" && go build -o "$bin/kleidi-server-before" .)
+	plugins+=(kleidi-gpg-before)
+fi
 
 machine() {
 	echo "nproc: $(nproc); CPU: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo);" \
@@ -125,16 +137,19 @@ start_kleidi() { # start_kleidi NAME PROVIDER-FLAGS...: start a plugin; took = m
 	else
 		ops=(--http-addr "127.0.0.1:${http_port[$name]}" --audit-log "$work/$name-audit.log")
 	fi
-	"$bin/kleidi-server" serve --init --listen "unix://$work/$name.sock" --state-dir "$work/state-$name" \
+	local server=$bin/kleidi-server
+	[[ $name != *-before ]] || server=$bin/kleidi-server-before
+	"$server" serve --init --listen "unix://$work/$name.sock" --state-dir "$work/state-$name" \
 		--log-format json --log-level warn "${ops[@]}" "$@" >>"$OUT/$name.log" 2>&1 &
 	pid[$name]=$!
 	wait_healthy "$work/$name.sock"
 	took=$(($(now_ms) - t0))
 }
 
-declare -A http_port=([kleidi-gpg]=$(free_port) [kleidi-tpm]=$(free_port))
-declare -A flags=([kleidi-gpg]="--provider gpg" [kleidi-gpg-bare]="--provider gpg" [kleidi-tpm]="--provider tpm --tpm tcp://127.0.0.1:$tpm_port")
-for name in kleidi-gpg kleidi-gpg-bare kleidi-tpm; do
+declare -A http_port=([kleidi-gpg]=$(free_port) [kleidi-tpm]=$(free_port) [kleidi-gpg-before]=$(free_port))
+declare -A flags=([kleidi-gpg]="--provider gpg" [kleidi-gpg-bare]="--provider gpg" [kleidi-tpm]="--provider tpm --tpm tcp://127.0.0.1:$tpm_port"
+	[kleidi-gpg-before]="--provider gpg")
+for name in "${plugins[@]}"; do
 	# shellcheck disable=SC2086 # flags are words
 	start_kleidi "$name" ${flags[$name]}
 	first=$took
@@ -152,12 +167,13 @@ for name in kleidi-gpg kleidi-gpg-bare kleidi-tpm; do
 done
 
 sleep "$IDLE"
-for name in baseline kleidi-gpg kleidi-gpg-bare kleidi-tpm; do
+for name in baseline "${plugins[@]}"; do
 	echo "$name: idle VmRSS $(vm "${pid[$name]}" VmRSS) KiB after ${IDLE}s idle" | tee -a "$summary" >&2
 done
 
 metrics=()
-for name in kleidi-gpg kleidi-tpm; do
+for name in "${plugins[@]}"; do
+	[[ $name != *-bare ]] || continue
 	url="http://127.0.0.1:${http_port[$name]}/metrics"
 	if command -v curl >/dev/null && curl -sf -o /dev/null "$url"; then
 		metrics+=(--metrics-url "$name=$url")
@@ -167,18 +183,15 @@ done
 metrics+=(--metrics-match "${METRICS_MATCH:-kleidi_provider_operations_total}")
 
 log "comparing: $METHODS at concurrency $CONCURRENCY, $REPEAT x $DURATION per endpoint and cell"
-"$bin/kleidi-bench" compare \
-	--endpoint "baseline=unix://$work/baseline.sock" \
-	--endpoint "kleidi-gpg=unix://$work/kleidi-gpg.sock" \
-	--endpoint "kleidi-gpg-bare=unix://$work/kleidi-gpg-bare.sock" \
-	--endpoint "kleidi-tpm=unix://$work/kleidi-tpm.sock" \
-	--pid "baseline=${pid[baseline]}" --pid "kleidi-gpg=${pid[kleidi-gpg]}" --pid "kleidi-gpg-bare=${pid[kleidi-gpg-bare]}" \
-	--pid "kleidi-tpm=${pid[kleidi-tpm]}" \
-	"${metrics[@]}" \
+targets=(--endpoint "baseline=unix://$work/baseline.sock" --pid "baseline=${pid[baseline]}")
+for name in "${plugins[@]}"; do
+	targets+=(--endpoint "$name=unix://$work/$name.sock" --pid "$name=${pid[$name]}")
+done
+"$bin/kleidi-bench" compare "${targets[@]}" "${metrics[@]}" \
 	--method "$METHODS" --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" --repeat "$REPEAT" \
 	--json-out "$OUT/compare.json" | tee "$OUT/compare.txt"
 
-for name in baseline kleidi-gpg kleidi-gpg-bare kleidi-tpm; do
+for name in baseline "${plugins[@]}"; do
 	echo "$name: after the load VmRSS $(vm "${pid[$name]}" VmRSS) KiB, VmHWM (peak since start) $(vm "${pid[$name]}" VmHWM) KiB" | tee -a "$summary" >&2
 done
 echo "machine at end: $(machine)" >>"$summary"
