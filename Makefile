@@ -40,3 +40,5 @@ bench:
 # A short run of each fuzz target of the root package.
 fuzz:
 	for f in FuzzParseCiphertext FuzzParseKeyring FuzzParseIdentity FuzzDecrypt FuzzOpen FuzzDecryptStream FuzzStreamRoundTrip; do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 30s . || exit 1; done
+	$(GO) test -run '^$$' -fuzz '^FuzzUnmarshalRequest$$' -fuzztime 30s ./server/
+	$(GO) test -run '^$$' -fuzz '^FuzzAppendJSONString$$' -fuzztime 30s ./audit/
