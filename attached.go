@@ -20,7 +20,7 @@ func proofMessage(id, root string, blob []byte) []byte {
 	return append(m, blob...)
 }
 
-// Attached key format, version 2: what [Ciphertext.WrappedKey] holds and the KMS v2 server stores in an
+// Attached key format, version 2: what [Ciphertext.AttachedKey] holds and the KMS v2 server stores in an
 // annotation. All integers are big-endian.
 //
 //	offset  size  field

@@ -41,7 +41,7 @@ func attachedProof(attached []byte) []byte {
 func TestForgedKEKIsNeverAccepted(t *testing.T) {
 	p := kleiditest.NewInsecureProvider()
 	e := newEnvelope(t, p, kleidi.NewMemoryKeyring())
-	genuine := encrypt(t, e, "a genuine seed", "").WrappedKey
+	genuine := encrypt(t, e, "a genuine seed", "").AttachedKey
 	id, _, blob, _ := attackerKEK(t, p)
 	mallory := kleiditest.NewInsecureProvider()
 	malloryProof, err := mallory.Prove(ctx, kleidi.ProofMessageForTest(id, p.Name(), blob))
@@ -60,7 +60,7 @@ func TestForgedKEKIsNeverAccepted(t *testing.T) {
 	before := p.Calls(kleiditest.OpUnwrap)
 	for name, a := range attached {
 		_, _, _, c := attackerKEK(t, p)
-		c.WrappedKey = a
+		c.AttachedKey = a
 		got, err := e.Decrypt(ctx, c, nil)
 		if !errors.Is(err, kleidi.ErrUnauthenticated) || got != nil {
 			t.Errorf("e.Decrypt(a forged KEK with %s) = %q, %v; want nil, an error wrapping kleidi.ErrUnauthenticated", name, got, err)
@@ -68,7 +68,7 @@ func TestForgedKEKIsNeverAccepted(t *testing.T) {
 	}
 	// The forged KEK with its own ID and blob, the case reproduced against the first release.
 	c := kleidi.SealForTest(id, make([]byte, kleidi.KeySize), nil) // any KEK: the proof fails before it matters
-	c.WrappedKey = kleidi.EncodeAttachedKeyForTest(blob, malloryProof)
+	c.AttachedKey = kleidi.EncodeAttachedKeyForTest(blob, malloryProof)
 	if _, err := e.Decrypt(ctx, c, nil); !errors.Is(err, kleidi.ErrUnauthenticated) {
 		t.Errorf("e.Decrypt(forged) err = %v, want kleidi.ErrUnauthenticated", err)
 	}
@@ -84,7 +84,7 @@ func TestAttachedKeyRecoversWithTheRootAlone(t *testing.T) {
 	rand.Read(root)
 	writer := newEnvelope(t, kleiditest.NewInsecureProviderWithRoot(root), kleidi.NewMemoryKeyring())
 	c := reparse(t, encrypt(t, writer, "survives the keyring", ""))
-	c.WrappedKey = encrypt(t, writer, "", "").WrappedKey
+	c.AttachedKey = encrypt(t, writer, "", "").AttachedKey
 	reader := newEnvelope(t, kleiditest.NewInsecureProviderWithRoot(root), kleidi.NewMemoryKeyring())
 	if got := decrypt(t, reader, c, ""); got != "survives the keyring" {
 		t.Errorf("reader.Decrypt(c) = %q, want %q", got, "survives the keyring")
@@ -97,12 +97,12 @@ type opaque struct{ kleidi.Provider }
 func TestProviderWithoutAuthenticatorNeverUnwrapsAttachedKeys(t *testing.T) {
 	p := kleiditest.NewInsecureProvider()
 	e := newEnvelope(t, opaque{p}, kleidi.NewMemoryKeyring())
-	if c := encrypt(t, e, "x", ""); c.WrappedKey != nil {
-		t.Errorf("Encrypt with a provider that cannot prove: WrappedKey of %d bytes, want none", len(c.WrappedKey))
+	if c := encrypt(t, e, "x", ""); c.AttachedKey != nil {
+		t.Errorf("Encrypt with a provider that cannot prove: WrappedKey of %d bytes, want none", len(c.AttachedKey))
 	}
 	other := newEnvelope(t, opaque{p}, kleidi.NewMemoryKeyring())
 	c := reparse(t, encrypt(t, other, "x", ""))
-	c.WrappedKey = encrypt(t, newEnvelope(t, p, kleidi.NewMemoryKeyring()), "", "").WrappedKey
+	c.AttachedKey = encrypt(t, newEnvelope(t, p, kleidi.NewMemoryKeyring()), "", "").AttachedKey
 	before := p.Calls(kleiditest.OpUnwrap)
 	if _, err := e.Decrypt(ctx, c, nil); !errors.Is(err, kleidi.ErrUnknownKey) {
 		t.Errorf("e.Decrypt(c from another keyring) err = %v, want kleidi.ErrUnknownKey", err)
@@ -115,7 +115,7 @@ func TestProviderWithoutAuthenticatorNeverUnwrapsAttachedKeys(t *testing.T) {
 func TestFloodOfForgedRequestsCostsNoRootCalls(t *testing.T) {
 	p := kleiditest.NewInsecureProvider()
 	e := newEnvelope(t, p, kleidi.NewMemoryKeyring())
-	genuine := encrypt(t, e, "x", "").WrappedKey
+	genuine := encrypt(t, e, "x", "").AttachedKey
 	_, _, blob, _ := attackerKEK(t, p)
 	var m0, m1 runtime.MemStats
 	runtime.GC()
@@ -126,13 +126,13 @@ func TestFloodOfForgedRequestsCostsNoRootCalls(t *testing.T) {
 		_, _, _, c := attackerKEK(t, p) // a new key ID every time
 		switch i % 3 {
 		case 0:
-			c.WrappedKey = genuine // the plugin's own attached key, under another key ID
+			c.AttachedKey = genuine // the plugin's own attached key, under another key ID
 		case 1:
-			c.WrappedKey = blob // a bare blob
+			c.AttachedKey = blob // a bare blob
 		default:
 			proof := make([]byte, 1+i%64)
 			rand.Read(proof)
-			c.WrappedKey = kleidi.EncodeAttachedKeyForTest(blob, proof)
+			c.AttachedKey = kleidi.EncodeAttachedKeyForTest(blob, proof)
 		}
 		if _, err := e.Decrypt(ctx, c, nil); err == nil {
 			t.Fatalf("Decrypt of forged request %d err = nil", i)

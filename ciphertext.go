@@ -35,13 +35,13 @@ type Ciphertext struct {
 	raw      []byte
 	keyIDLen int
 
-	// WrappedKey is the attached key: the KEK that encrypted the data, wrapped by the root of trust, with the
+	// AttachedKey is the attached key: the KEK that encrypted the data, wrapped by the root of trust, with the
 	// root's proof that a legitimate holder made it; nil when the provider is not an [Authenticator]. It is not
 	// part of [Ciphertext.Bytes]: callers that want self-contained data store it beside them (the KMS v2 server
 	// puts it in an annotation). [Envelope.Decrypt] unwraps it only when the key is not in its keyring, and only
 	// after its proof verifies and before accepting that it unwraps to the key the ciphertext names. It is
 	// public, and shared: do not modify it. For self-contained data in one value, use [Envelope.Seal].
-	WrappedKey []byte
+	AttachedKey []byte
 }
 
 // ParseCiphertext parses the output of [Ciphertext.Bytes]. It checks the format and every length, not

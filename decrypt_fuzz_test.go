@@ -20,7 +20,7 @@ func FuzzDecrypt(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	f.Add(c.Bytes(), c.WrappedKey, []byte("ad"))
+	f.Add(c.Bytes(), c.AttachedKey, []byte("ad"))
 	f.Add(c.Bytes(), []byte{}, []byte{})
 	f.Add([]byte{'k', 1, 3, 'a', 'b', 'c'}, []byte{1, 2, 3}, []byte{})
 	f.Fuzz(func(t *testing.T, raw, wrapped, ad []byte) {
@@ -28,7 +28,7 @@ func FuzzDecrypt(f *testing.F) {
 		if err != nil {
 			return
 		}
-		parsed.WrappedKey = wrapped
+		parsed.AttachedKey = wrapped
 		got, err := e.Decrypt(ctx, parsed, ad)
 		if err != nil {
 			return

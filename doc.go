@@ -15,7 +15,7 @@
 // The [Envelope] is the engine: it unwraps each KEK through the provider once, keeps it in memory, encrypts
 // with the active KEK, decrypts with whichever KEK a [Ciphertext] names, and rotates.
 //
-// Every [Ciphertext] can carry the wrapped form of its KEK ([Ciphertext.WrappedKey]), so the data is
+// Every [Ciphertext] can carry the wrapped form of its KEK ([Ciphertext.AttachedKey]), so the data is
 // self-contained: a process that lost its keyring still decrypts, as long as its root of trust unwraps the KEK
 // and the KEK's identity matches the key ID the ciphertext names.
 //

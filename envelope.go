@@ -95,7 +95,7 @@ const (
 // one process (see [WithKeyUsageLimit]), leaving the rest for other processes and restarts.
 const MaxEncryptionsPerKey = 1 << 32
 
-// activeKey is the KEK new data is encrypted with, and its attached form for [Ciphertext.WrappedKey].
+// activeKey is the KEK new data is encrypted with, and its attached form for [Ciphertext.AttachedKey].
 type activeKey struct {
 	kek      *kek
 	attached []byte // nil when the provider is not an Authenticator
@@ -297,7 +297,7 @@ func (e *Envelope) Stats() Stats {
 
 // Encrypt encrypts plaintext with the active KEK (AES-256-GCM, random nonce). associatedData is authenticated
 // but not encrypted; Decrypt needs the same. The result carries the attached key (the wrapped KEK and its proof)
-// in [Ciphertext.WrappedKey] when the provider is an [Authenticator]. Encrypt never calls the provider.
+// in [Ciphertext.AttachedKey] when the provider is an [Authenticator]. Encrypt never calls the provider.
 //
 // One KEK encrypts at most [MaxEncryptionsPerKey] messages safely; past the Envelope's limit (see
 // [WithKeyUsageLimit]) Encrypt fails with an error wrapping [ErrKeyExhausted] until [Envelope.Rotate].
@@ -313,11 +313,11 @@ func (e *Envelope) Encrypt(ctx context.Context, plaintext, associatedData []byte
 		act.kek.uses.Add(^uint64(0))
 		return nil, fmt.Errorf("kleidi: encrypt: key %s: %w after %d messages: rotate", act.kek.id, ErrKeyExhausted, e.usageLimit)
 	}
-	return &Ciphertext{raw: act.kek.seal(plaintext, associatedData), keyIDLen: len(act.kek.id), WrappedKey: act.attached}, nil
+	return &Ciphertext{raw: act.kek.seal(plaintext, associatedData), keyIDLen: len(act.kek.id), AttachedKey: act.attached}, nil
 }
 
 // Decrypt authenticates and decrypts c with the KEK it names. A KEK not yet used in this process is unwrapped
-// through the provider once: from the keyring, or else from c.WrappedKey, the attached key, whose proof must
+// through the provider once: from the keyring, or else from c.AttachedKey, the attached key, whose proof must
 // verify (else [ErrUnauthenticated], and the provider is not called) and which must unwrap to the key c names
 // (else [ErrKeyMismatch]). Attached keys of format version 1, which carried no proof, are never unwrapped: a
 // ciphertext that has one decrypts only while its KEK is in the keyring. A key found in neither gives
@@ -337,7 +337,7 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 	} else {
 		e.misses.Add(1)
 		var err error
-		if k, err = e.findKEK(ctx, c.KeyID(), c.WrappedKey); err != nil {
+		if k, err = e.findKEK(ctx, c.KeyID(), c.AttachedKey); err != nil {
 			return nil, fmt.Errorf("kleidi: decrypt: %w", err)
 		}
 	}

@@ -287,7 +287,7 @@ func TestAttachedWrappedKey(t *testing.T) {
 	if _, err := e.Decrypt(ctx, bare, nil); !errors.Is(err, kleidi.ErrUnknownKey) {
 		t.Errorf("e.Decrypt(c without wrapped key) err = %v, want kleidi.ErrUnknownKey", err)
 	}
-	bare.WrappedKey = c.WrappedKey
+	bare.AttachedKey = c.AttachedKey
 	before := p.Calls(kleiditest.OpUnwrap)
 	for range 3 {
 		if got := decrypt(t, e, bare, ""); got != "travels" {
@@ -306,14 +306,14 @@ func TestAttachedWrappedKey(t *testing.T) {
 	before = p.Calls(kleiditest.OpUnwrap)
 	other := newEnvelope(t, p, kleidi.NewMemoryKeyring())
 	forged := reparse(t, encrypt(t, newEnvelope(t, p, kleidi.NewMemoryKeyring()), "x", ""))
-	forged.WrappedKey = encrypt(t, other, "y", "").WrappedKey
+	forged.AttachedKey = encrypt(t, other, "y", "").AttachedKey
 	if _, err := e.Decrypt(ctx, forged, nil); !errors.Is(err, kleidi.ErrUnauthenticated) {
 		t.Errorf("e.Decrypt(c with another key's attached key) err = %v, want kleidi.ErrUnauthenticated", err)
 	}
 
 	// An attached key of another root of trust carries a proof this root does not accept.
 	foreign := reparse(t, encrypt(t, newEnvelope(t, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring()), "x", ""))
-	foreign.WrappedKey = encrypt(t, newEnvelope(t, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring()), "x", "").WrappedKey
+	foreign.AttachedKey = encrypt(t, newEnvelope(t, kleiditest.NewInsecureProvider(), kleidi.NewMemoryKeyring()), "x", "").AttachedKey
 	if _, err := e.Decrypt(ctx, foreign, nil); !errors.Is(err, kleidi.ErrUnauthenticated) {
 		t.Errorf("e.Decrypt(c with a foreign attached key) err = %v, want kleidi.ErrUnauthenticated", err)
 	}

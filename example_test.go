@@ -70,16 +70,16 @@ func ExampleEnvelope_Rotate() {
 }
 
 // A ciphertext carries its wrapped KEK, so a process that lost its keyring still decrypts with the same root.
-func ExampleCiphertext_WrappedKey() {
+func ExampleCiphertext_AttachedKey() {
 	ctx := context.Background()
 	provider := kleiditest.NewInsecureProvider()
 	writer, _ := kleidi.NewEnvelope(ctx, provider, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
 	c, _ := writer.Encrypt(ctx, []byte("self-contained"), nil)
-	data, wrapped := c.Bytes(), c.WrappedKey // store both
+	data, wrapped := c.Bytes(), c.AttachedKey // store both
 
 	reader, _ := kleidi.NewEnvelope(ctx, provider, kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty()) // an empty keyring
 	stored, _ := kleidi.ParseCiphertext(data)
-	stored.WrappedKey = wrapped
+	stored.AttachedKey = wrapped
 	plaintext, err := reader.Decrypt(ctx, stored, nil)
 	fmt.Println(string(plaintext), err)
 	// Output: self-contained <nil>

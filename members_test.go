@@ -482,7 +482,7 @@ func BenchmarkEncryptMembers(b *testing.B) {
 			for b.Loop() {
 				c, _ = nodes[0].env.Encrypt(ctx, plaintext, nil)
 			}
-			b.ReportMetric(float64(len(c.Bytes())+len(c.WrappedKey)), "stored-bytes")
+			b.ReportMetric(float64(len(c.Bytes())+len(c.AttachedKey)), "stored-bytes")
 			b.ReportMetric(float64(len(c.Bytes())+copies), "all-copies-bytes")
 		})
 	}

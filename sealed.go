@@ -13,7 +13,7 @@ import (
 //	0       1     magic 's' (0x73)
 //	1       1     version (0x01)
 //	2       2     a, length of the attached key (0 to MaxAttachedKeySize)
-//	4       a     attached key: [Ciphertext.WrappedKey], the wrapped KEK and its proof (empty when the root is
+//	4       a     attached key: [Ciphertext.AttachedKey], the wrapped KEK and its proof (empty when the root is
 //	              not an [Authenticator])
 //	4+a     rest  ciphertext: [Ciphertext.Bytes], of format version 1 (at most MaxCiphertextSize bytes)
 //
@@ -42,10 +42,10 @@ func (e *Envelope) Seal(ctx context.Context, plaintext, associatedData []byte) (
 		return nil, err
 	}
 	raw := c.Bytes()
-	out := make([]byte, 0, sealedHeader+len(c.WrappedKey)+len(raw))
+	out := make([]byte, 0, sealedHeader+len(c.AttachedKey)+len(raw))
 	out = append(out, sealedMagic, sealedVersion)
-	out = binary.BigEndian.AppendUint16(out, uint16(len(c.WrappedKey)))
-	return append(append(out, c.WrappedKey...), raw...), nil
+	out = binary.BigEndian.AppendUint16(out, uint16(len(c.AttachedKey)))
+	return append(append(out, c.AttachedKey...), raw...), nil
 }
 
 // Open decrypts the output of [Envelope.Seal] with the same associated data, as [Envelope.Decrypt] does with the
@@ -61,7 +61,7 @@ func (e *Envelope) Open(ctx context.Context, sealed, associatedData []byte) ([]b
 	if err != nil {
 		return nil, err
 	}
-	c.WrappedKey = attached
+	c.AttachedKey = attached
 	return e.Decrypt(ctx, c, associatedData)
 }
 

@@ -39,6 +39,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -68,10 +69,15 @@ const (
 	EventCheckpoint = "audit.checkpoint"
 )
 
-// Caller is the process at the other end of the socket.
+// Caller is the process at the other end of the socket, as the kernel recorded it (SO_PEERCRED).
 type Caller struct {
 	UID, GID uint32
 	PID      int32
+}
+
+// LogValue describes the caller in log records.
+func (c Caller) LogValue() slog.Value {
+	return slog.GroupValue(slog.Any("uid", c.UID), slog.Any("gid", c.GID), slog.Any("pid", c.PID))
 }
 
 // Record is one audit record. Time is set by [Logger.Log] when zero.

@@ -79,19 +79,19 @@ func TestForgedKEKIsRefused(t *testing.T) {
 	}
 	random := make([]byte, len(malloryProof))
 	rand.Read(random)
-	genuineProof := genuine.WrappedKey[4 : 4+int(genuine.WrappedKey[2])<<8|int(genuine.WrappedKey[3])]
+	genuineProof := genuine.AttachedKey[4 : 4+int(genuine.AttachedKey[2])<<8|int(genuine.AttachedKey[3])]
 	for name, attached := range map[string][]byte{
 		"a bare blob":                      blob,
 		"a random proof":                   kleiditest.ForgeAttachedKey(blob, random),
 		"a proof by another signing key":   kleiditest.ForgeAttachedKey(blob, malloryProof),
 		"the genuine proof of another KEK": kleiditest.ForgeAttachedKey(blob, genuineProof),
-		"the genuine attached key":         genuine.WrappedKey,
+		"the genuine attached key":         genuine.AttachedKey,
 	} {
 		c, err := kleidi.ParseCiphertext(raw)
 		if err != nil {
 			t.Fatalf("kleidi.ParseCiphertext(forged) err = %v, want nil", err)
 		}
-		c.WrappedKey = attached
+		c.AttachedKey = attached
 		got, err := reader.Decrypt(ctx, c, nil)
 		if !errors.Is(err, kleidi.ErrUnauthenticated) || got != nil {
 			t.Errorf("reader.Decrypt(a forged KEK with %s) = %q, %v; want nil, an error wrapping kleidi.ErrUnauthenticated", name, got, err)

@@ -334,7 +334,7 @@ func TestForgedKEKCarriesNoValidProof(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.WrappedKey = kleiditest.ForgeAttachedKey(blob, forgedProof)
+	c.AttachedKey = kleiditest.ForgeAttachedKey(blob, forgedProof)
 	before := counted.unwraps.Load()
 	if pt, err := env.Decrypt(ctx, c, nil); err == nil || pt != nil {
 		t.Errorf("env.Decrypt(forged ciphertext and attached key) = %q, %v; want an error", pt, err)

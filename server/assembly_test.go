@@ -143,7 +143,7 @@ func TestErrorKindsAgree(t *testing.T) {
 		}
 		p.SetError(kleiditest.OpUnwrap, injected)
 		_, err = ts.client.Decrypt(callCtx(t), &kmsapi.DecryptRequest{Ciphertext: c.Bytes(), KeyId: c.KeyID(),
-			Annotations: map[string][]byte{server.WrappedKeyAnnotation: c.WrappedKey}, Uid: "u"})
+			Annotations: map[string][]byte{server.AttachedKeyAnnotation: c.AttachedKey}, Uid: "u"})
 		p.SetError(kleiditest.OpUnwrap, nil)
 		a.Flush()
 		var unwrapKind, decryptCode string

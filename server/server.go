@@ -4,7 +4,7 @@
 // It validates every request and every response against the limits kube-apiserver enforces, maps kleidi's errors
 // to gRPC codes (see [Code]), bounds each call with a deadline, answers Status from a health probe that runs in the
 // background, picks up a keyring rotated by another process, records the peer credentials of each caller, and stops
-// gracefully. Encrypt responses carry the wrapped KEK in the annotation [WrappedKeyAnnotation], so each one is
+// gracefully. Encrypt responses carry the wrapped KEK in the annotation [AttachedKeyAnnotation], so each one is
 // self-contained. Given [Config.Metrics] and [Config.Audit], it does all of their wiring: the provider counted, the
 // Envelope's key operations, reloads, calls and start and stop recorded, health and the audit log observed, and
 // /metrics served by [Server.Handler].
@@ -244,11 +244,8 @@ func (s *Server) lifecycle(event string) {
 	}
 }
 
-// Caller is the process at the other end of a call's unix socket connection.
-type Caller struct {
-	UID, GID uint32
-	PID      int32
-}
+// Caller is the process at the other end of a call's unix socket connection: the one type of the audit records.
+type Caller = audit.Caller
 
 // CallerFromContext returns the caller of the call ctx belongs to, as the kernel recorded it when the
 // connection was made (SO_PEERCRED). ok is false outside a call or on a connection that is not a unix socket.
@@ -262,9 +259,4 @@ func CallerFromContext(ctx context.Context) (c Caller, ok bool) {
 		return Caller{}, false
 	}
 	return Caller{UID: info.Cred.UID, GID: info.Cred.GID, PID: info.Cred.PID}, true
-}
-
-// LogValue describes the caller in log records.
-func (c Caller) LogValue() slog.Value {
-	return slog.GroupValue(slog.Any("uid", c.UID), slog.Any("gid", c.GID), slog.Any("pid", c.PID))
 }

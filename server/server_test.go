@@ -153,8 +153,8 @@ func TestRoundTrip(t *testing.T) {
 	if enc.KeyId != st.KeyId {
 		t.Errorf("Encrypt().KeyId = %q, want Status().KeyId %q", enc.KeyId, st.KeyId)
 	}
-	if len(enc.Annotations[server.WrappedKeyAnnotation]) == 0 {
-		t.Errorf("Encrypt().Annotations = %v, want %s", enc.Annotations, server.WrappedKeyAnnotation)
+	if len(enc.Annotations[server.AttachedKeyAnnotation]) == 0 {
+		t.Errorf("Encrypt().Annotations = %v, want %s", enc.Annotations, server.AttachedKeyAnnotation)
 	}
 	if bytes.Contains(enc.Ciphertext, seed) {
 		t.Errorf("Encrypt().Ciphertext contains the plaintext")
@@ -166,7 +166,7 @@ func TestRoundTrip(t *testing.T) {
 	if bytes.Equal(enc.Ciphertext, enc2.Ciphertext) {
 		t.Errorf("two Encrypt() of one plaintext gave the same ciphertext")
 	}
-	if !bytes.Equal(enc.Annotations[server.WrappedKeyAnnotation], enc2.Annotations[server.WrappedKeyAnnotation]) {
+	if !bytes.Equal(enc.Annotations[server.AttachedKeyAnnotation], enc2.Annotations[server.AttachedKeyAnnotation]) {
 		t.Errorf("Encrypt() annotations differ under one key, want byte-stable")
 	}
 	dec, err := ts.client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext, KeyId: enc.KeyId, Annotations: enc.Annotations, Uid: "req-3"})

@@ -134,7 +134,7 @@ func (s *Server) encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsa
 	if err != nil {
 		return nil, err
 	}
-	annotations, err := s.annotations(c.WrappedKey)
+	annotations, err := s.annotations(c.AttachedKey)
 	if err != nil {
 		return nil, err
 	}
@@ -161,7 +161,7 @@ func (s *Server) annotations(wrapped []byte) (map[string][]byte, error) {
 	if a := s.encryptAnnotations.Load(); a != nil && len(a.wrapped) == len(wrapped) && &a.wrapped[0] == &wrapped[0] {
 		return a.annotations, nil
 	}
-	a := &encryptAnnotations{wrapped: wrapped, annotations: map[string][]byte{WrappedKeyAnnotation: wrapped}}
+	a := &encryptAnnotations{wrapped: wrapped, annotations: map[string][]byte{AttachedKeyAnnotation: wrapped}}
 	if err := checkAnnotations(a.annotations); err != nil {
 		return nil, internalError{err} // a provider whose wrapped keys break the limits
 	}
@@ -181,7 +181,7 @@ func (s *Server) decrypt(ctx context.Context, req *kmsapi.DecryptRequest) (*kmsa
 	if c.KeyID() != req.KeyId {
 		return nil, invalid("key_id does not match the key that encrypted the ciphertext")
 	}
-	c.WrappedKey = wrapped
+	c.AttachedKey = wrapped
 	plaintext, err := s.env.Decrypt(ctx, c, nil)
 	if err != nil {
 		return nil, err
@@ -268,7 +268,7 @@ func (s *Server) auditRecord(ctx context.Context, info *grpc.UnaryServerInfo, re
 		r.KeyID = q.GetKeyId()
 	}
 	if c, ok := CallerFromContext(ctx); ok {
-		r.Caller = &audit.Caller{UID: c.UID, GID: c.GID, PID: c.PID}
+		r.Caller = &c
 	}
 	if code != codes.OK {
 		r.ErrorType = code.String()

@@ -11,21 +11,21 @@ import (
 // Limits of the KMS v2 API, as kube-apiserver enforces them on what a plugin returns. The server holds requests
 // and its own responses to the same limits.
 const (
-	// MaxCiphertextSize is the longest ciphertext, in bytes.
-	MaxCiphertextSize = 1024
-	// MaxKeyIDSize is the longest key_id, in bytes.
-	MaxKeyIDSize = 1024
+	// MaxKMSCiphertextSize is the longest ciphertext, in bytes.
+	MaxKMSCiphertextSize = 1024
+	// MaxKMSKeyIDSize is the longest key_id, in bytes.
+	MaxKMSKeyIDSize = 1024
 	// MaxAnnotationsSize bounds the annotations of one ciphertext: the keys and values together, in bytes.
 	MaxAnnotationsSize = 32 << 10
 	// MaxPlaintextSize is the largest plaintext Encrypt accepts: the largest whose ciphertext fits in
-	// MaxCiphertextSize under the longest kleidi key ID (865 bytes). kube-apiserver sends 32.
-	MaxPlaintextSize = MaxCiphertextSize - (kleidi.MaxCiphertextSize - kleidi.MaxPlaintextSize)
-	// WrappedKeyAnnotation is the annotation that carries the attached key of a ciphertext (its KEK wrapped by
-	// the root of trust, with the root's proof that a legitimate holder made it: [kleidi.Ciphertext.WrappedKey]),
+	// MaxKMSCiphertextSize under the longest kleidi key ID (865 bytes). kube-apiserver sends 32.
+	MaxPlaintextSize = MaxKMSCiphertextSize - (kleidi.MaxCiphertextSize - kleidi.MaxPlaintextSize)
+	// AttachedKeyAnnotation is the annotation that carries the attached key of a ciphertext (its KEK wrapped by
+	// the root of trust, with the root's proof that a legitimate holder made it: [kleidi.Ciphertext.AttachedKey]),
 	// so that every Encrypt response is self-contained. Decrypt unwraps it only when the ciphertext's KEK is not
 	// in the keyring, and only once its proof verifies. A value written by kleidi 0.1 (a bare wrapped key, with no
 	// proof) is never unwrapped: such ciphertexts decrypt while their KEK is in the keyring.
-	WrappedKeyAnnotation = "kek.kleidi.dev"
+	AttachedKeyAnnotation = "kek.kleidi.dev"
 	// APIVersion is the version Status reports.
 	APIVersion = "v2"
 )
@@ -53,8 +53,8 @@ func checkEncryptRequest(r *kmsapi.EncryptRequest) error {
 // checkDecryptRequest checks a DecryptRequest against the limits, and returns the wrapped key its annotations
 // carry (nil if none).
 func checkDecryptRequest(r *kmsapi.DecryptRequest) (wrappedKey []byte, err error) {
-	if n := len(r.Ciphertext); n == 0 || n > MaxCiphertextSize {
-		return nil, invalidf("ciphertext of %d bytes, want 1 to %d", n, MaxCiphertextSize)
+	if n := len(r.Ciphertext); n == 0 || n > MaxKMSCiphertextSize {
+		return nil, invalidf("ciphertext of %d bytes, want 1 to %d", n, MaxKMSCiphertextSize)
 	}
 	if err := checkKeyID(r.KeyId); err != nil {
 		return nil, err
@@ -62,9 +62,9 @@ func checkDecryptRequest(r *kmsapi.DecryptRequest) (wrappedKey []byte, err error
 	if err := checkAnnotations(r.Annotations); err != nil {
 		return nil, err
 	}
-	wrapped, ok := r.Annotations[WrappedKeyAnnotation]
+	wrapped, ok := r.Annotations[AttachedKeyAnnotation]
 	if ok && (len(wrapped) == 0 || len(wrapped) > kleidi.MaxAttachedKeySize) {
-		return nil, invalidf("annotation %s of %d bytes, want 1 to %d", WrappedKeyAnnotation, len(wrapped), kleidi.MaxAttachedKeySize)
+		return nil, invalidf("annotation %s of %d bytes, want 1 to %d", AttachedKeyAnnotation, len(wrapped), kleidi.MaxAttachedKeySize)
 	}
 	return wrapped, nil
 }
@@ -72,8 +72,8 @@ func checkDecryptRequest(r *kmsapi.DecryptRequest) (wrappedKey []byte, err error
 // checkEncryptResponse checks what the server is about to return, so that kube-apiserver never receives a
 // response it would refuse.
 func checkEncryptResponse(r *kmsapi.EncryptResponse) error {
-	if n := len(r.Ciphertext); n == 0 || n > MaxCiphertextSize {
-		return invalidf("ciphertext of %d bytes, want 1 to %d", n, MaxCiphertextSize)
+	if n := len(r.Ciphertext); n == 0 || n > MaxKMSCiphertextSize {
+		return invalidf("ciphertext of %d bytes, want 1 to %d", n, MaxKMSCiphertextSize)
 	}
 	if err := checkKeyID(r.KeyId); err != nil {
 		return err
@@ -82,8 +82,8 @@ func checkEncryptResponse(r *kmsapi.EncryptResponse) error {
 }
 
 func checkKeyID(id string) error {
-	if n := len(id); n == 0 || n > MaxKeyIDSize {
-		return invalidf("key_id of %d bytes, want 1 to %d", n, MaxKeyIDSize)
+	if n := len(id); n == 0 || n > MaxKMSKeyIDSize {
+		return invalidf("key_id of %d bytes, want 1 to %d", n, MaxKMSKeyIDSize)
 	}
 	return nil
 }

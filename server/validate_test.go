@@ -153,7 +153,7 @@ func FuzzDecryptRequest(f *testing.F) {
 	noAnnotation, _ := proto.Marshal(&kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext, KeyId: enc.KeyId})
 	f.Add(noAnnotation)
 	badKey, _ := proto.Marshal(&kmsapi.DecryptRequest{Ciphertext: enc.Ciphertext, KeyId: enc.KeyId,
-		Annotations: map[string][]byte{"Not_A_Domain": {1}, WrappedKeyAnnotation: {1, 2, 3}}})
+		Annotations: map[string][]byte{"Not_A_Domain": {1}, AttachedKeyAnnotation: {1, 2, 3}}})
 	f.Add(badKey)
 	f.Add([]byte{})
 	f.Add([]byte{0x0a, 0x03, 'k', 0x01, 0x05})

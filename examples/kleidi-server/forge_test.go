@@ -68,7 +68,7 @@ func assertRefused(t *testing.T, client kmsapi.KeyManagementServiceClient, fs []
 	for _, f := range fs {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		resp, err := client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: f.ciphertext, KeyId: f.keyID, Uid: "forged",
-			Annotations: map[string][]byte{kleidiserver.WrappedKeyAnnotation: f.annotation}})
+			Annotations: map[string][]byte{kleidiserver.AttachedKeyAnnotation: f.annotation}})
 		cancel()
 		if err == nil || resp.GetPlaintext() != nil {
 			t.Errorf("Decrypt(%s) = %q, %v; want an error and no plaintext", f.name, resp.GetPlaintext(), err)
@@ -262,7 +262,7 @@ func TestFloodOfForgedDecryptsOnSwtpm(t *testing.T) {
 	// A fresh process holds only the active KEK: the retired one needs an unwrap.
 	srv, client := s.startPlugin(t, args...)
 	addr := srv.httpAddr(t)
-	genuine := encryptOK(t, client, "x").Annotations[kleidiserver.WrappedKeyAnnotation]
+	genuine := encryptOK(t, client, "x").Annotations[kleidiserver.AttachedKeyAnnotation]
 
 	unwraps := func() float64 {
 		return metric(t, addr, "kleidi_provider_operations_total", `operation="unwrap"`)
@@ -311,7 +311,7 @@ func TestFloodOfForgedDecryptsOnSwtpm(t *testing.T) {
 				}
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				_, err := client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: ciphertext,
-					KeyId: id, Annotations: map[string][]byte{kleidiserver.WrappedKeyAnnotation: annotation}})
+					KeyId: id, Annotations: map[string][]byte{kleidiserver.AttachedKeyAnnotation: annotation}})
 				cancel()
 				if err == nil {
 					accepted.Add(1)

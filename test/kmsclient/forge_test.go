@@ -36,7 +36,7 @@ func (f *forger) Encrypt(ctx context.Context, _ string, seed []byte) (*kmsservic
 		return nil, err
 	}
 	return &kmsservice.EncryptResponse{Ciphertext: ciphertext, KeyID: id,
-		Annotations: map[string][]byte{server.WrappedKeyAnnotation: f.annotate(id, blob)}}, nil
+		Annotations: map[string][]byte{server.AttachedKeyAnnotation: f.annotate(id, blob)}}, nil
 }
 
 func (f *forger) Decrypt(context.Context, string, *kmsservice.DecryptRequest) ([]byte, error) {

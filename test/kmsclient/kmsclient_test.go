@@ -103,7 +103,7 @@ func TestMalformedRequests(t *testing.T) {
 		t.Fatalf("Encrypt() err = %v", err)
 	}
 	ct, id, ann := enc.Ciphertext, enc.KeyId, enc.Annotations
-	wrapped := ann[server.WrappedKeyAnnotation]
+	wrapped := ann[server.AttachedKeyAnnotation]
 
 	// A ciphertext under a KEK of the same root that this plugin's keyring lacks (another node's keyring).
 	sibling, err := kleidi.NewEnvelope(ctx, kleiditest.NewInsecureProviderWithRoot(root), kleidi.NewMemoryKeyring(), kleidi.WithCreateIfEmpty())
@@ -133,7 +133,7 @@ func TestMalformedRequests(t *testing.T) {
 	encrypt := func(pt []byte, uid string) func() error {
 		return func() error {
 			resp, err := pl.client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: pt, Uid: uid})
-			if err == nil && (len(resp.Ciphertext) > server.MaxCiphertextSize || resp.KeyId != id) {
+			if err == nil && (len(resp.Ciphertext) > server.MaxKMSCiphertextSize || resp.KeyId != id) {
 				t.Errorf("Encrypt() response breaks the limits: %d bytes, key_id %q", len(resp.Ciphertext), resp.KeyId)
 			}
 			return err
@@ -146,11 +146,11 @@ func TestMalformedRequests(t *testing.T) {
 	}{
 		{"decrypt: key_id of another key", decrypt(ct, sc.KeyID(), ann), codes.InvalidArgument},
 		{"decrypt: unknown key without annotation", decrypt(sc.Bytes(), sc.KeyID(), nil), codes.NotFound},
-		{"decrypt: unknown key of another root (its proof is not this root's)", decrypt(fc.Bytes(), fc.KeyID(), map[string][]byte{server.WrappedKeyAnnotation: fc.WrappedKey}), codes.InvalidArgument},
-		{"decrypt: unknown key, wrapped key tampered (its proof fails)", decrypt(sc.Bytes(), sc.KeyID(), map[string][]byte{server.WrappedKeyAnnotation: flip(sc.WrappedKey, len(sc.WrappedKey)-1)}), codes.InvalidArgument},
-		{"decrypt: unknown key, wrapped key of another key", decrypt(sc.Bytes(), sc.KeyID(), map[string][]byte{server.WrappedKeyAnnotation: wrapped}), codes.InvalidArgument},
-		{"decrypt: wrapped key annotation empty", decrypt(ct, id, map[string][]byte{server.WrappedKeyAnnotation: {}}), codes.InvalidArgument},
-		{"decrypt: wrapped key annotation over the attached key limit", decrypt(ct, id, map[string][]byte{server.WrappedKeyAnnotation: make([]byte, kleidi.MaxAttachedKeySize+1)}), codes.InvalidArgument},
+		{"decrypt: unknown key of another root (its proof is not this root's)", decrypt(fc.Bytes(), fc.KeyID(), map[string][]byte{server.AttachedKeyAnnotation: fc.AttachedKey}), codes.InvalidArgument},
+		{"decrypt: unknown key, wrapped key tampered (its proof fails)", decrypt(sc.Bytes(), sc.KeyID(), map[string][]byte{server.AttachedKeyAnnotation: flip(sc.AttachedKey, len(sc.AttachedKey)-1)}), codes.InvalidArgument},
+		{"decrypt: unknown key, wrapped key of another key", decrypt(sc.Bytes(), sc.KeyID(), map[string][]byte{server.AttachedKeyAnnotation: wrapped}), codes.InvalidArgument},
+		{"decrypt: wrapped key annotation empty", decrypt(ct, id, map[string][]byte{server.AttachedKeyAnnotation: {}}), codes.InvalidArgument},
+		{"decrypt: wrapped key annotation over the attached key limit", decrypt(ct, id, map[string][]byte{server.AttachedKeyAnnotation: make([]byte, kleidi.MaxAttachedKeySize+1)}), codes.InvalidArgument},
 		{"decrypt: annotation key upper case", decrypt(ct, id, withAnnotation(ann, "KEK.kleidi.dev", []byte{1})), codes.InvalidArgument},
 		{"decrypt: request over the message limit", decrypt(ct, id, map[string][]byte{"a.kleidi.dev": make([]byte, 1<<20)}), codes.ResourceExhausted},
 		{"encrypt: plaintext one byte over the limit", encrypt(make([]byte, server.MaxPlaintextSize+1), "t"), codes.InvalidArgument},
