@@ -13,36 +13,36 @@ var (
 	// ErrInvalidKey means a file or a byte slice holds no OpenPGP key this package can read (garbage, a
 	// truncated file, an unsupported or weak algorithm, a key without a valid self-signature), or Config is
 	// inconsistent (no key, or two sources of the same thing).
-	ErrInvalidKey = errors.New("gpg: invalid key")
+	ErrInvalidKey = errors.New("invalid key")
 	// ErrKeyExpired means a key, or every encryption subkey it has, is past its expiration date.
-	ErrKeyExpired = errors.New("gpg: key expired")
+	ErrKeyExpired = errors.New("key expired")
 	// ErrKeyRevoked means a key, or every encryption subkey it has, is revoked.
-	ErrKeyRevoked = errors.New("gpg: key revoked")
+	ErrKeyRevoked = errors.New("key revoked")
 	// ErrNoEncryptionKey means a key has no valid key or subkey that may encrypt (a signing-only key).
-	ErrNoEncryptionKey = errors.New("gpg: no encryption key")
+	ErrNoEncryptionKey = errors.New("no encryption key")
 	// ErrNotPrivateKey means a file that must hold a private key holds only a public key, or only stubs of
 	// private keys (as gpg --export-secret-subkeys writes for the primary key).
-	ErrNotPrivateKey = errors.New("gpg: not a private key")
+	ErrNotPrivateKey = errors.New("not a private key")
 	// ErrNotPublicKey means a key that must be only public, such as a recovery key given to
 	// [RecipientIdentity], holds a private key: its private half must stay offline.
-	ErrNotPublicKey = errors.New("gpg: not a public key")
+	ErrNotPublicKey = errors.New("not a public key")
 	// ErrPassphraseRequired means a private key is protected by a passphrase and Config names none, or
 	// [GenerateKey] was given an empty passphrase.
-	ErrPassphraseRequired = errors.New("gpg: passphrase required")
+	ErrPassphraseRequired = errors.New("passphrase required")
 	// ErrWrongPassphrase means the passphrase does not decrypt the private key.
-	ErrWrongPassphrase = errors.New("gpg: wrong passphrase")
+	ErrWrongPassphrase = errors.New("wrong passphrase")
 	// ErrNoPrivateKey means the provider was made without a private key: it wraps but cannot unwrap,
 	// and cannot prove (see [Provider.Prove]).
-	ErrNoPrivateKey = errors.New("gpg: no private key configured")
+	ErrNoPrivateKey = errors.New("no private key configured")
 	// ErrNoSigningKey means the private key has no valid key or subkey that may sign whose private part is
 	// here (a certify-only primary key without a signing subkey, or a signing key exported as a stub), so
 	// [Provider.Prove] cannot make a proof. Add a signing subkey (gpg --quick-add-key FPR ed25519 sign) and
 	// export the private key again.
-	ErrNoSigningKey = errors.New("gpg: no signing key")
+	ErrNoSigningKey = errors.New("no signing key")
 	// ErrRecipientRemoved means a wrapped key is encrypted to a key that the provider's configuration no longer
 	// names (see [Provider.CheckRecipients]): its holder can still unwrap that copy, and every ciphertext that
 	// carries it.
-	ErrRecipientRemoved = errors.New("gpg: recipient removed")
+	ErrRecipientRemoved = errors.New("recipient removed")
 )
 
 // keyError is an error about one key. Its message names where the key came from, the key and the problem, and

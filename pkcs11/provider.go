@@ -21,10 +21,10 @@ const ProofSize = kleidi.ProofKeySize
 var (
 	// ErrPIN means the token refused the PIN (or the PIN is locked). A refused PIN is not tried again by the same
 	// provider, so that retries do not lock the token.
-	ErrPIN = errors.New("pkcs11: PIN refused")
+	ErrPIN = errors.New("PIN refused")
 	// ErrKey means the token holds no key of the configured label or ID, several, or one unfit to be a root of
 	// trust (extractable, not sensitive, of another type or size, or without the needed usage).
-	ErrKey = errors.New("pkcs11: no usable key")
+	ErrKey = errors.New("no usable key")
 )
 
 // Config selects the token and its keys.

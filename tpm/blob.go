@@ -43,7 +43,7 @@ type blob struct {
 	policy []byte // the sealed object's authPolicy, from public (not marshalled)
 }
 
-var errBlob = errors.New("tpm: not a wrapped key of this format")
+var errBlob = errors.New("not a wrapped key of this format")
 
 func (b *blob) marshal() []byte {
 	out := make([]byte, 0, 4+1+1+4+2+len(b.parent)+2+len(b.public)+2+len(b.private))

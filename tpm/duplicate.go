@@ -43,7 +43,7 @@ type nodeKey struct {
 	ekPublic *tpm2.TPMTPublic // parsed from ek (not marshalled)
 }
 
-var errNodeKey = errors.New("tpm: not a TPM node public key of this format")
+var errNodeKey = errors.New("not a TPM node public key of this format")
 
 func (k *nodeKey) marshal() []byte {
 	out := make([]byte, 0, 4+1+1+4+2+len(k.ek)+2+len(k.policy))

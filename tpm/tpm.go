@@ -34,13 +34,13 @@ var (
 	// ErrPolicy means the key's policy is not the one this provider is configured for: it is bound to other PCRs
 	// (or to none), or the bound PCR values changed since it was sealed (a different boot chain, firmware or
 	// Secure Boot state). It comes with [kleidi.ErrUnwrap].
-	ErrPolicy = errors.New("tpm: PCR policy not satisfied: the key's PCR policy is not the configured one, or the bound PCR values changed since it was sealed")
+	ErrPolicy = errors.New("PCR policy not satisfied: the key's PCR policy is not the configured one, or the bound PCR values changed since it was sealed")
 	// ErrStorageKeyChanged means the storage root key is not the one expected. From Unwrap (with
 	// [kleidi.ErrUnwrap]): the key was sealed under another storage root key, because the TPM was cleared (its
 	// owner seed replaced) or the key was sealed by another TPM; no retry will unwrap it. From Wrap, Prove and
 	// Health: the TPM presents a storage root key other than the one the provider pinned (see [Config.SRKName]),
 	// because the TPM was cleared or replaced, or something between this process and the TPM answers in its place.
-	ErrStorageKeyChanged = errors.New("tpm: the storage root key is not the expected one: the TPM was cleared, or it is another TPM")
+	ErrStorageKeyChanged = errors.New("the storage root key is not the expected one: the TPM was cleared, or it is another TPM")
 )
 
 // Config selects the TPM and how keys are sealed.

@@ -156,7 +156,7 @@ func (s *socketTPM) Send(cmd []byte) ([]byte, error) {
 }
 
 // errPoweredOff is the empty answer of a TPM simulator whose power is off.
-var errPoweredOff = errors.New("tpm: the TPM simulator answered nothing (powered off?)")
+var errPoweredOff = errors.New("the TPM simulator answered nothing (powered off?)")
 
 // powerOn switches a TCG reference simulator on through its platform port. swtpm never needs it.
 func (s *socketTPM) powerOn() error {
