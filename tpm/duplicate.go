@@ -460,25 +460,8 @@ func (p *Provider) unwrapDuplicate(ctx context.Context, wrapped []byte) ([]byte,
 			return err
 		}, tpm2.Salted(srk.handle, srk.public), tpm2.AESEncryption(128, tpm2.EncryptOut))
 		defer flushSession(t, outer)
-		rsp, err := tpm2.Unseal{
-			ItemHandle: tpm2.AuthHandle{Handle: loaded.ObjectHandle, Name: loaded.Name, Auth: outer},
-		}.Execute(t)
-		switch {
-		case err == nil:
-		case errors.Is(err, tpm2.TPMRCPolicyFail):
-			return fmt.Errorf("%w: %w", ErrPolicy, kleidi.ErrUnwrap)
-		case errors.Is(err, tpm2.TPMRCAuthFail) || errors.Is(err, tpm2.TPMRCBadAuth):
-			return fmt.Errorf("%w: wrong auth value: %w", kleidi.ErrUnwrap, err)
-		case isSRKGone(err) || isTransient(err):
-			return err
-		default:
-			return fmt.Errorf("%w: %w", kleidi.ErrUnwrap, err)
-		}
-		if len(rsp.OutData.Buffer) == 0 {
-			return fmt.Errorf("%w: the duplicated object holds no key", kleidi.ErrUnwrap)
-		}
-		key = rsp.OutData.Buffer
-		return nil
+		key, err = unseal(t, loaded.ObjectHandle, loaded.Name, outer, "duplicated object")
+		return err
 	})
 	if err != nil {
 		return nil, err

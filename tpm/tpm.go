@@ -425,30 +425,35 @@ func (p *Provider) Unwrap(ctx context.Context, wrapped []byte) ([]byte, error) {
 		defer flushContext(t, loaded.ObjectHandle)
 		sess := p.policySession(srk)
 		defer flushSession(t, sess)
-		rsp, err := tpm2.Unseal{
-			ItemHandle: tpm2.AuthHandle{Handle: loaded.ObjectHandle, Name: loaded.Name, Auth: sess},
-		}.Execute(t)
-		switch {
-		case err == nil:
-		case errors.Is(err, tpm2.TPMRCPolicyFail):
-			return fmt.Errorf("%w: %w", ErrPolicy, kleidi.ErrUnwrap)
-		case errors.Is(err, tpm2.TPMRCAuthFail) || errors.Is(err, tpm2.TPMRCBadAuth):
-			return fmt.Errorf("%w: wrong auth value: %w", kleidi.ErrUnwrap, err)
-		case isSRKGone(err) || isTransient(err):
-			return err
-		default:
-			return fmt.Errorf("%w: %w", kleidi.ErrUnwrap, err)
-		}
-		if len(rsp.OutData.Buffer) == 0 {
-			return fmt.Errorf("%w: the sealed object holds no key", kleidi.ErrUnwrap)
-		}
-		key = rsp.OutData.Buffer
-		return nil
+		key, err = unseal(t, loaded.ObjectHandle, loaded.Name, sess, "sealed object")
+		return err
 	})
 	if err != nil {
 		return nil, err
 	}
 	return key, nil
+}
+
+// unseal unseals the loaded object handle (of name name) in session sess and classifies the TPM's refusal: a
+// policy that fails is ErrPolicy, a wrong auth value and any other refusal kleidi.ErrUnwrap; a storage key that
+// went away or a transient failure is returned as it is, for the caller to reconnect. what names the object.
+func unseal(t transport.TPM, handle tpm2.TPMHandle, name tpm2.TPM2BName, sess tpm2.Session, what string) ([]byte, error) {
+	rsp, err := tpm2.Unseal{ItemHandle: tpm2.AuthHandle{Handle: handle, Name: name, Auth: sess}}.Execute(t)
+	switch {
+	case err == nil:
+	case errors.Is(err, tpm2.TPMRCPolicyFail):
+		return nil, fmt.Errorf("%w: %w", ErrPolicy, kleidi.ErrUnwrap)
+	case errors.Is(err, tpm2.TPMRCAuthFail) || errors.Is(err, tpm2.TPMRCBadAuth):
+		return nil, fmt.Errorf("%w: wrong auth value: %w", kleidi.ErrUnwrap, err)
+	case isSRKGone(err) || isTransient(err):
+		return nil, err
+	default:
+		return nil, fmt.Errorf("%w: %w", kleidi.ErrUnwrap, err)
+	}
+	if len(rsp.OutData.Buffer) == 0 {
+		return nil, fmt.Errorf("%w: the %s holds no key", kleidi.ErrUnwrap, what)
+	}
+	return rsp.OutData.Buffer, nil
 }
 
 // Health implements [kleidi.Provider]: it connects (or reconnects) to the TPM, sets up the storage root key if
