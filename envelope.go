@@ -651,11 +651,14 @@ func (e *Envelope) apply(ctx context.Context, ring Ring) error {
 	e.pinOnFirstJoin(ring)
 	tr := e.trustOf(ring)
 	if e.node != nil {
+		var wrote bool
 		var err error
-		if ring, err = e.importShared(ctx, ring, tr.members); err != nil {
+		if ring, wrote, err = e.importShared(ctx, ring, tr.members); err != nil {
 			return err
 		}
-		tr = e.trustOf(ring)
+		if wrote { // another process may have changed the members meanwhile
+			tr = e.trustOf(ring)
+		}
 	}
 	byID := make(map[string]KeyRecord, len(ring.Keys))
 	var active KeyRecord

@@ -200,8 +200,9 @@ func (e *Envelope) activate(ctx context.Context, id string) error {
 // has no own copy of: it unwraps the shared copy (whose sender's signature copiesFor checked), wraps the key with
 // its root and proves it, and stores that copy in place of the shared one, so later starts unwrap from a copy
 // of the node's own making (a TPM's own storage key and policy). A key it cannot import is left as it is; the
-// error of the active key's import is the caller's to see. The caller holds ringMu.
-func (e *Envelope) importShared(ctx context.Context, ring Ring, trusted map[string]*Member) (Ring, error) {
+// error of the active key's import is the caller's to see. It reports whether it wrote the keyring. The caller
+// holds ringMu.
+func (e *Envelope) importShared(ctx context.Context, ring Ring, trusted map[string]*Member) (Ring, bool, error) {
 	imported := make(map[string]WrappedKey)
 	for _, r := range ring.Keys {
 		own, shared, err := e.copiesFor(ctx, r, trusted)
@@ -215,9 +216,9 @@ func (e *Envelope) importShared(ctx context.Context, ring Ring, trusted map[stri
 		imported[r.ID] = w
 	}
 	if len(imported) == 0 {
-		return ring, nil
+		return ring, false, nil
 	}
-	return e.ring.Update(ctx, func(ring *Ring) error {
+	ring, err := e.ring.Update(ctx, func(ring *Ring) error {
 		for i, r := range ring.Keys {
 			w, ok := imported[r.ID]
 			if !ok {
@@ -228,6 +229,7 @@ func (e *Envelope) importShared(ctx context.Context, ring Ring, trusted map[stri
 		}
 		return nil
 	})
+	return ring, err == nil, err
 }
 
 // importKey unwraps KEK id from shared copies, keeps it in memory, and returns this node's own copy of it.
