@@ -350,6 +350,9 @@ func (e *Envelope) Decrypt(ctx context.Context, c *Ciphertext, associatedData []
 
 // findKEK unwraps KEK id, not yet in memory, from the keyring's copies or else from the attached key.
 func (e *Envelope) findKEK(ctx context.Context, id string, attached []byte) (*kek, error) {
+	if e.wasForgotten(id) {
+		return nil, fmt.Errorf("%w: %s was forgotten", ErrUnknownKey, id)
+	}
 	if _, ok := (*e.records.Load())[id]; !ok && e.mayReload() {
 		if err := e.Reload(ctx); err == nil {
 			if k := (*e.keys.Load())[id]; k != nil {

@@ -41,3 +41,6 @@ func SharedCopyMessageForTest(id, sender, recipient string, blob []byte) []byte 
 func EndorsementMessageForTest(endorser, member string) []byte {
 	return endorsementMessage(endorser, member)
 }
+
+// EncodeKeyringForTest is encodeKeyring: the bytes a keyring file holds, as a node publishes them.
+var EncodeKeyringForTest = encodeKeyring

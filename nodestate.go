@@ -17,6 +17,9 @@ type NodeState struct {
 	Removed []string `json:"removed,omitempty"`
 	// Retired are the KEKs this node saw retired: never made active again.
 	Retired []string `json:"retired,omitempty"`
+	// Forgotten are the KEKs this node forgot ([Envelope.Forget]): never unwrapped again, from the keyring or from
+	// a key attached to a ciphertext.
+	Forgotten []string `json:"forgotten,omitempty"`
 	// KeyringVersion is the highest keyring format version this node read. From 2 on, copies of a keyring of
 	// version 1, which carry no proof, are refused: a version 1 file can no longer be told from a forgery.
 	KeyringVersion int `json:"keyringVersion,omitempty"`
@@ -24,8 +27,8 @@ type NodeState struct {
 
 // nodeState is NodeState as sets.
 type nodeState struct {
-	trusted, removed, retired map[string]bool
-	version                   int
+	trusted, removed, retired, forgotten map[string]bool
+	version                              int
 }
 
 func (s NodeState) toSet() nodeState {
@@ -36,7 +39,7 @@ func (s NodeState) toSet() nodeState {
 		}
 		return m
 	}
-	return nodeState{trusted: set(s.Trusted), removed: set(s.Removed), retired: set(s.Retired), version: s.KeyringVersion}
+	return nodeState{trusted: set(s.Trusted), removed: set(s.Removed), retired: set(s.Retired), forgotten: set(s.Forgotten), version: s.KeyringVersion}
 }
 
 // NodeState returns what this node knows now of its keyring, to keep for its next start (see [NodeState]).
@@ -47,6 +50,7 @@ func (e *Envelope) NodeState() NodeState {
 		Trusted:        slices.Sorted(maps.Keys(e.state.trusted)),
 		Removed:        slices.Sorted(maps.Keys(e.state.removed)),
 		Retired:        slices.Sorted(maps.Keys(e.state.retired)),
+		Forgotten:      slices.Sorted(maps.Keys(e.state.forgotten)),
 		KeyringVersion: e.state.version,
 	}
 }
@@ -74,6 +78,12 @@ func (e *Envelope) legacyAllowed() bool {
 	e.stateMu.Lock()
 	defer e.stateMu.Unlock()
 	return e.state.version < 2
+}
+
+func (e *Envelope) wasForgotten(id string) bool {
+	e.stateMu.Lock()
+	defer e.stateMu.Unlock()
+	return e.state.forgotten[id]
 }
 
 func (e *Envelope) wasRetired(id string) bool {

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 )
@@ -163,6 +164,11 @@ func (e *Envelope) activate(ctx context.Context, id string) error {
 	}
 	if ring.Keys[i].State == KeyRetired || e.wasRetired(id) {
 		return fmt.Errorf("key %s is retired: key IDs are never reused; stage a new key", id)
+	}
+	for _, m := range sortedIDs(e.trustOf(ring).members) {
+		if !slices.ContainsFunc(ring.Keys[i].Wrapped, func(w WrappedKey) bool { return w.Recipient == m }) {
+			return fmt.Errorf("key %s is not wrapped for member %s: every member must hold a key before any encrypts with it; stage it again", id, m)
+		}
 	}
 	if (*e.keys.Load())[id] == nil {
 		own, shared, err := e.copiesFor(ctx, ring.Keys[i], e.trustOf(ring).members)
@@ -514,3 +520,6 @@ func Recover(ctx context.Context, ring Keyring, recovery Provider, recoveryID *I
 	}
 	return nil
 }
+
+// sortedIDs returns the keys of members in order, so that errors name the same member every time.
+func sortedIDs(members map[string]*Member) []string { return slices.Sorted(maps.Keys(members)) }
