@@ -85,6 +85,7 @@ type Server struct {
 	health             atomic.Pointer[string] // "ok" or a short reason
 	serving            atomic.Bool
 	encryptAnnotations atomic.Pointer[encryptAnnotations]
+	adoption           atomic.Pointer[Adoption]
 }
 
 // New assembles a plugin: the Envelope over ring, with p as its root of trust, built with opts and with the

@@ -123,7 +123,42 @@ func (rawCodec) Name() string { return "proto" }
 func protoCodec() encoding.CodecV2 { return encoding.GetCodecV2("proto") }
 
 func (s *Server) status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.StatusResponse, error) {
-	return &kmsapi.StatusResponse{Version: APIVersion, Healthz: s.Healthz(), KeyId: s.env.KeyID()}, nil
+	id := s.env.KeyID()
+	if a := s.adoption.Load(); a == nil || a.KeyID != id {
+		s.adoption.Store(&Adoption{KeyID: id, StatusAt: time.Now().UTC()})
+	}
+	return &kmsapi.StatusResponse{Version: APIVersion, Healthz: s.Healthz(), KeyId: id}, nil
+}
+
+// Adoption is what the kube-apiserver calling this plugin has taken up of the active key. kube-apiserver asks
+// Status for the key ID about once a minute; on a new key ID it makes a new DEK and has it encrypted.
+type Adoption struct {
+	// KeyID is the key ID Status last reported; StatusAt is when Status first reported it.
+	KeyID    string
+	StatusAt time.Time
+	// EncryptAt is when the first Encrypt under KeyID after StatusAt was served, or zero: then kube-apiserver
+	// encrypts new data under KeyID.
+	EncryptAt time.Time
+}
+
+// Adoption returns what the kube-apiserver calling this plugin has taken up of the active key; a zero Adoption
+// before the first Status call.
+func (s *Server) Adoption() Adoption {
+	if a := s.adoption.Load(); a != nil {
+		return *a
+	}
+	return Adoption{}
+}
+
+// noteEncrypt records the first Encrypt under the key ID Status last reported.
+func (s *Server) noteEncrypt(id string) {
+	a := s.adoption.Load()
+	if a == nil || !a.EncryptAt.IsZero() || a.KeyID != id {
+		return
+	}
+	next := *a
+	next.EncryptAt = time.Now().UTC()
+	s.adoption.CompareAndSwap(a, &next)
 }
 
 func (s *Server) encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsapi.EncryptResponse, error) {
@@ -143,6 +178,7 @@ func (s *Server) encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsa
 		// Not the client's fault: a provider whose wrapped keys break the limits. Internal, and logged.
 		return nil, internalError{err}
 	}
+	s.noteEncrypt(resp.KeyId)
 	return resp, nil
 }
 
