@@ -90,10 +90,16 @@ func (e *Error) Error() string { return fmt.Sprintf("admin: %s: %s", e.Code, e.M
 
 // request bodies and answers
 type (
-	keyIDBody    struct{ KeyID string `json:"keyID"` }
-	memberBody   struct{ MemberID string `json:"memberID"` }
-	identityBody struct{ Identity []byte `json:"identity"` }
-	adoptBody    struct {
+	keyIDBody struct {
+		KeyID string `json:"keyID"`
+	}
+	memberBody struct {
+		MemberID string `json:"memberID"`
+	}
+	identityBody struct {
+		Identity []byte `json:"identity"`
+	}
+	adoptBody struct {
 		Keyring []byte   `json:"keyring"`
 		Trusted []string `json:"trusted,omitempty"`
 	}

@@ -32,6 +32,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	auditPath := fs.String("audit-log", "", "`file` to append the audit log to (one JSON record per KMS call and key operation; reopened on SIGHUP), or - for standard output (default: none)")
 	var allowed uidList
 	fs.Var(&allowed, "allowed-uids", "comma-separated `uids` allowed to call the plugin (default: any that may open the socket)")
+	adminSocket := fs.String("admin-socket", "", "unix `socket` of the admin API for the operator's agent on this node, as unix:///run/kleidi/admin.sock "+
+		"(default: none). Mode 0600; with it, a node that has no keyring yet waits for the agent to hand it one (joining)")
+	var adminUIDs uidList
+	fs.Var(&adminUIDs, "admin-allowed-uids", "comma-separated `uids` allowed to call the admin API (default: the plugin's own)")
 	firstStart := fs.Bool("init", false, "on a state directory never initialised, create its keyring with the root of trust of the flags "+
 		"(a deployment's first start); a state directory that held a keyring before is still refused")
 	if err := parse(fs, args); err != nil {
@@ -74,7 +78,25 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		srv = s
 		return s.Envelope(), nil
 	}
-	p, env, created, err := o.open(ctx)
+	var ab *adminBackend
+	if *adminSocket != "" {
+		ab = newAdminBackend(&o)
+		stop, err := serveAdmin(ctx, *adminSocket, adminUIDs, ab, o.log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	var p kleidi.Provider
+	var env *kleidi.Envelope
+	var created bool
+	if ab != nil && o.mayJoin() {
+		if p, env, err = o.awaitJoin(ctx, ab, *httpAddr); err != nil || p == nil {
+			return err // nil: stopped while joining
+		}
+	} else {
+		p, env, created, err = o.open(ctx)
+	}
 	if errors.Is(err, pkcs11.ErrPIN) {
 		return holdRefusedPIN(ctx, *httpAddr, o.log, err)
 	}
@@ -85,6 +107,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	defer srv.Close()
 	if created {
 		o.log.Info("initialised the state directory with a first KEK", "state_dir", o.stateDir, "key_id", env.KeyID())
+	}
+	if ab != nil {
+		ab.serving(srv, p)
 	}
 	if *httpAddr != "off" && *httpAddr != "" {
 		stopHTTP, err := serveHTTP(*httpAddr, srv.Handler(), o.log)
