@@ -105,7 +105,9 @@ func (c *Client) Adopt(ctx context.Context, keyring []byte, trusted []string) er
 
 func (c *Client) call(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
-	if in != nil {
+	if r, ok := in.(io.Reader); ok { // a body already encoded
+		body = r
+	} else if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
 			return err
