@@ -8,8 +8,9 @@
 package v1alpha1
 
 import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"sigs.k8s.io/controller-runtime/pkg/scheme"
 )
 
 var (
@@ -17,7 +18,12 @@ var (
 	GroupVersion = schema.GroupVersion{Group: "kleidi.dev", Version: "v1alpha1"}
 
 	// SchemeBuilder registers this API's kinds with a scheme.
-	SchemeBuilder = &scheme.Builder{GroupVersion: GroupVersion}
+	SchemeBuilder = runtime.NewSchemeBuilder(func(s *runtime.Scheme) error {
+		s.AddKnownTypes(GroupVersion, &KleidiPlugin{}, &KleidiPluginList{}, &KleidiNode{}, &KleidiNodeList{},
+			&KeyRotation{}, &KeyRotationList{})
+		metav1.AddToGroupVersion(s, GroupVersion)
+		return nil
+	})
 
 	// AddToScheme adds this API's kinds to a scheme.
 	AddToScheme = SchemeBuilder.AddToScheme

@@ -108,7 +108,3 @@ type KeyRotationList struct {
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []KeyRotation `json:"items"`
 }
-
-func init() {
-	SchemeBuilder.Register(&KeyRotation{}, &KeyRotationList{})
-}

@@ -179,7 +179,3 @@ type KleidiNodeList struct {
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []KleidiNode `json:"items"`
 }
-
-func init() {
-	SchemeBuilder.Register(&KleidiNode{}, &KleidiNodeList{})
-}

@@ -106,7 +106,7 @@ const (
 )
 
 // EnrollmentPolicy says how new nodes are approved.
-// +kubebuilder:validation:XValidation:rule="self.approval != 'Automatic' || (has(self.ekCACertificates) && self.ekCACertificates != '')",message="approval Automatic needs ekCACertificates"
+// +kubebuilder:validation:XValidation:rule="self.approval != 'Automatic' || (has(self.ekCACertificates) && self.ekCACertificates != ”)",message="approval Automatic needs ekCACertificates"
 type EnrollmentPolicy struct {
 	// Approval is Manual or Automatic.
 	// +kubebuilder:default=Manual
@@ -165,8 +165,4 @@ type KleidiPluginList struct {
 	metav1.TypeMeta `json:",inline"`
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []KleidiPlugin `json:"items"`
-}
-
-func init() {
-	SchemeBuilder.Register(&KleidiPlugin{}, &KleidiPluginList{})
 }
