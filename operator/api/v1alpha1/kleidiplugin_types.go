@@ -106,7 +106,7 @@ const (
 )
 
 // EnrollmentPolicy says how new nodes are approved.
-// +kubebuilder:validation:XValidation:rule="self.approval != 'Automatic' || (has(self.ekCACertificates) && self.ekCACertificates != ”)",message="approval Automatic needs ekCACertificates"
+// +kubebuilder:validation:XValidation:rule="!has(self.approval) || self.approval != 'Automatic' || (has(self.ekCACertificates) && size(self.ekCACertificates) > 0)",message="approval Automatic needs ekCACertificates"
 type EnrollmentPolicy struct {
 	// Approval is Manual or Automatic.
 	// +kubebuilder:default=Manual
