@@ -26,6 +26,8 @@ goarch="${GOARCH:-$(go env GOARCH)}"
 images=("$@")
 [[ ${#images[@]} -gt 0 ]] || images=(kleidi kleidi-operator kleidi-agent)
 
+operator_version="-X github.com/kleidi-kms/kleidi/operator/internal/cmdutil.Version=$version"
+
 ctx="$(mktemp -d "${TMPDIR:-/tmp}/kleidi-images.XXXXXX")"
 trap 'rm -rf "$ctx"' EXIT
 cp -a "$root/deploy/images/rootfs" "$ctx/rootfs"
@@ -33,13 +35,14 @@ chmod 0644 "$ctx/rootfs/etc/passwd" "$ctx/rootfs/etc/group"
 
 for image in "${images[@]}"; do
 	case "$image" in
-	kleidi) module="examples/kleidi-server" pkg="." binary="kleidi-server" ;;
-	kleidi-operator) module="operator" pkg="./cmd/kleidi-operator" binary="kleidi-operator" ;;
-	kleidi-agent) module="operator" pkg="./cmd/kleidi-agent" binary="kleidi-agent" ;;
+	# kleidi-server reports the library's version (kleidi.Version); the operator's commands report $VERSION.
+	kleidi) module="examples/kleidi-server" pkg="." binary="kleidi-server" x="" ;;
+	kleidi-operator) module="operator" pkg="./cmd/kleidi-operator" binary="kleidi-operator" x="$operator_version" ;;
+	kleidi-agent) module="operator" pkg="./cmd/kleidi-agent" binary="kleidi-agent" x="$operator_version" ;;
 	*) echo "build.sh: unknown image $image (kleidi, kleidi-operator, kleidi-agent)" >&2; exit 2 ;;
 	esac
 	echo "build.sh: go build $module/$pkg (CGO_ENABLED=0, GOARCH=$goarch)" >&2
-	CGO_ENABLED=0 GOOS=linux GOARCH="$goarch" go -C "$root/$module" build -trimpath -ldflags="-s -w" -o "$ctx/$binary" "$pkg"
+	CGO_ENABLED=0 GOOS=linux GOARCH="$goarch" go -C "$root/$module" build -trimpath -ldflags="-s -w $x" -o "$ctx/$binary" "$pkg"
 	ref="$registry/$image:$version"
 	echo "build.sh: $podman build $ref" >&2
 	"$podman" build --quiet --platform "linux/$goarch" -f "$root/deploy/images/Containerfile" --target "$image" \
