@@ -307,7 +307,7 @@ func TestOperatorChartOnAPIServer(t *testing.T) {
 			out := c.kubectl(t, "apply", "--dry-run=server", "--validate=strict", "-f", render(t, "-f", f))
 			objects := []string{"serviceaccount/" + want.prefix + "-agent", "serviceaccount/" + want.prefix + "-operator",
 				"clusterrole.rbac.authorization.k8s.io/" + want.prefix + "-agent", "clusterrole.rbac.authorization.k8s.io/" + want.prefix + "-operator",
-				"role.rbac.authorization.k8s.io/" + want.prefix + "-operator-apiserver-leases",
+				"role.rbac.authorization.k8s.io/" + want.prefix + "-operator",
 				"deployment.apps/" + want.prefix + "-operator", "daemonset.apps/" + want.prefix + "-agent",
 				"validatingadmissionpolicy.admissionregistration.k8s.io/" + want.prefix + "-agent-own-node",
 				"validatingadmissionpolicybinding.admissionregistration.k8s.io/" + want.prefix + "-agent-own-node"}
