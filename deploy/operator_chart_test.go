@@ -263,7 +263,8 @@ func TestOperatorChartValuesRejected(t *testing.T) {
 // of the chart (kubectl apply --dry-run=server: schema, defaulting, CEL and admission, nothing stored, the
 // KleidiPlugin against its CRD), then installs the chart for real and checks what its RBAC and its
 // ValidatingAdmissionPolicy let the agent and the operator do, each impersonated with the chart's service
-// account: the agent of cp-1 writes cp-1's KleidiNode status, and the policy refuses it cp-2's.
+// account and then with a real token bound to a pod of the agent on cp-1: the agent of cp-1 writes cp-1's KleidiNode
+// status, and the policy refuses it cp-2's.
 func TestOperatorChartOnAPIServer(t *testing.T) {
 	helm := helmBin(t)
 	kas, err := run(t, time.Minute, repoRoot, nil, "bash", "hack/k8s-binary.sh", "kube-apiserver")
@@ -454,6 +455,34 @@ func TestOperatorChartOnAPIServer(t *testing.T) {
 			t.Errorf("PATCH kleidinodes/cp-2/status as the operator: %d %s, want 403 from RBAC", code, body)
 		}
 	})
+
+	// The agent's real credential: a token bound to a pod of the agent's service account on node cp-1, as the
+	// DaemonSet's projected volume holds. The API server derives the node claim from the pod, not from the caller.
+	t.Run("pod-bound-token", func(t *testing.T) {
+		manifests := "apiVersion: v1\nkind: Node\nmetadata:\n  name: cp-1\n---\n" +
+			"apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent-cp-1\n  namespace: " + operatorNamespace + "\nspec:\n" +
+			"  serviceAccountName: kleidi-agent\n  automountServiceAccountToken: false\n  nodeName: cp-1\n" +
+			"  containers:\n    - name: agent\n      image: ghcr.io/kleidi-kms/kleidi-agent:0.1.0\n"
+		file := filepath.Join(dir, "agent-pod.yaml")
+		if err := os.WriteFile(file, []byte(manifests), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		c.kubectl(t, "create", "-f", file)
+		token := strings.TrimSpace(c.kubectl(t, "create", "token", "kleidi-agent", "-n", operatorNamespace,
+			"--bound-object-kind=Pod", "--bound-object-name=agent-cp-1", "--duration=10m"))
+		path := "/apis/kleidi.dev/v1alpha1/kleidinodes/%s/status"
+		patch := `{"status":{"message":"reported with cp-1's pod token"}}`
+		if code, body := api.send(t, http.MethodPatch, fmt.Sprintf(path, "cp-2"), "application/merge-patch+json", patch, token, nil); code != http.StatusForbidden ||
+			!strings.Contains(body, "the kleidi agent of node cp-1 may update only KleidiNode cp-1, not cp-2") {
+			t.Errorf("PATCH kleidinodes/cp-2/status with cp-1's pod-bound token: %d %s, want 403 from the policy", code, policyMessage(body))
+		}
+		if code, body := api.send(t, http.MethodPatch, fmt.Sprintf(path, "cp-1"), "application/merge-patch+json", patch, token, nil); code != http.StatusOK {
+			t.Errorf("PATCH kleidinodes/cp-1/status with cp-1's pod-bound token: %d %s, want 200", code, policyMessage(body))
+		}
+		if got := c.kubectl(t, "get", "kleidinode", "cp-1", "-o", "jsonpath={.status.message}"); got != "reported with cp-1's pod token" {
+			t.Errorf("cp-1's status.message = %q after the pod-bound token's write", got)
+		}
+	})
 }
 
 // apiClient sends requests to the test's kube-apiserver with its administrator token, impersonating a user.
@@ -466,9 +495,19 @@ func (a *apiClient) patchStatus(t *testing.T, node, patch, user string, extra ma
 	return a.do(t, http.MethodPatch, "/apis/kleidi.dev/v1alpha1/kleidinodes/"+node+"/status", "application/merge-patch+json", patch, user, extra)
 }
 
-// do sends one request as user with the given extra (the Impersonate-User and Impersonate-Extra-* headers
-// kubectl --as sends) and returns the status code and body.
+// do sends one request with the administrator's token as user with the given extra (the Impersonate-User and
+// Impersonate-Extra-* headers kubectl --as sends) and returns the status code and body.
 func (a *apiClient) do(t *testing.T, method, path, contentType, body, user string, extra map[string]string) (int, string) {
+	t.Helper()
+	h := http.Header{"Impersonate-User": {user}}
+	for k, v := range extra {
+		h.Set("Impersonate-Extra-"+url.PathEscape(k), v)
+	}
+	return a.send(t, method, path, contentType, body, a.c.token, h)
+}
+
+// send sends one request with a bearer token and returns the status code and body.
+func (a *apiClient) send(t *testing.T, method, path, contentType, body, token string, h http.Header) (int, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -476,12 +515,11 @@ func (a *apiClient) do(t *testing.T, method, path, contentType, body, user strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	req.Header.Set("Authorization", "Bearer "+a.c.token)
-	req.Header.Set("Content-Type", contentType)
-	req.Header.Set("Impersonate-User", user)
-	for k, v := range extra {
-		req.Header.Set("Impersonate-Extra-"+url.PathEscape(k), v)
+	for k, v := range h {
+		req.Header[k] = v
 	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", contentType)
 	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} // the test apiserver's self-signed certificate, on loopback
 	resp, err := client.Do(req)
 	if err != nil {
