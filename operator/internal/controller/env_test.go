@@ -2,46 +2,29 @@ package controller
 
 import (
 	"context"
+	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/kleidi-kms/kleidi/operator/internal/cmdutil"
+	"github.com/kleidi-kms/kleidi/operator/internal/testenv"
 )
 
-// TestMain points envtest at the cached kube-apiserver and the system's etcd. It never downloads anything: a
-// missing binary fails the tests.
+// TestMain points envtest at the cached kube-apiserver and the system's etcd; a missing binary fails the tests.
 func TestMain(m *testing.M) {
-	if os.Getenv("TEST_ASSET_KUBE_APISERVER") == "" {
-		out, err := exec.Command("../../../hack/k8s-binary.sh", "kube-apiserver").Output()
-		if err != nil {
-			os.Stderr.WriteString("controller tests: hack/k8s-binary.sh kube-apiserver: " + err.Error() + "\n")
-			os.Exit(1)
-		}
-		os.Setenv("TEST_ASSET_KUBE_APISERVER", strings.TrimSpace(string(out)))
-	}
-	if os.Getenv("TEST_ASSET_ETCD") == "" {
-		os.Setenv("TEST_ASSET_ETCD", "/usr/bin/etcd")
-	}
-	for _, v := range []string{"TEST_ASSET_KUBE_APISERVER", "TEST_ASSET_ETCD"} {
-		if _, err := os.Stat(os.Getenv(v)); err != nil {
-			os.Stderr.WriteString("controller tests: " + v + ": " + err.Error() + "\n")
-			os.Exit(1)
-		}
+	if err := testenv.SetAssets(); err != nil {
+		fmt.Fprintln(os.Stderr, "controller tests:", err)
+		os.Exit(1)
 	}
 	if os.Getenv("KLEIDI_TEST_LOG") != "" {
 		ctrl.SetLogger(zap.New(zap.WriteTo(os.Stderr)))
@@ -51,33 +34,7 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-
-// startAPI starts a kube-apiserver and etcd with the kleidi.dev CRDs installed, and a client of it.
-func startAPI(t *testing.T) (*rest.Config, client.Client) {
-	t.Helper()
-	env := &envtest.Environment{
-		CRDDirectoryPaths:     []string{filepath.Join("..", "..", "config", "crd", "bases")},
-		ErrorIfCRDPathMissing: true,
-	}
-	cfg, err := env.Start()
-	if err != nil {
-		t.Fatalf("envtest Start() err = %v, want nil", err)
-	}
-	t.Cleanup(func() {
-		if err := env.Stop(); err != nil {
-			t.Errorf("envtest Stop() err = %v", err)
-		}
-	})
-	c, err := client.New(cfg, client.Options{Scheme: cmdutil.Scheme()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "kleidi-system"}}
-	if err := c.Create(context.Background(), ns); err != nil {
-		t.Fatal(err)
-	}
-	return cfg, c
-}
+func startAPI(t *testing.T) (*rest.Config, client.Client) { return testenv.Start(t) }
 
 // startOperator runs the operator against cfg until the returned stop function is called (or the test ends).
 func startOperator(t *testing.T, cfg *rest.Config) (stop func()) {
