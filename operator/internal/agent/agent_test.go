@@ -177,7 +177,7 @@ func TestAgentDrivesARealPlugin(t *testing.T) {
 	if !op.Succeeded || op.KeyID == "" || op.KeyID == first {
 		t.Fatalf("Stage outcome = %+v, want a new key", op)
 	}
-	kn = eventually(t, "keyring after Stage", func(kn *kleidiv1.KleidiNode) string {
+	eventually(t, "keyring after Stage", func(kn *kleidiv1.KleidiNode) string {
 		if kn.Status.KeyringDigest != op.KeyringDigest {
 			return fmt.Sprintf("keyring digest %s, want the one after Stage %s", kn.Status.KeyringDigest, op.KeyringDigest)
 		}
@@ -191,7 +191,7 @@ func TestAgentDrivesARealPlugin(t *testing.T) {
 
 	// Activate the staged key.
 	request(t, c, kleidiv1.NodeRequest{ID: "a1", Type: kleidiv1.RequestActivate, KeyID: staged})
-	kn = eventually(t, "Activate", func(kn *kleidiv1.KleidiNode) string {
+	eventually(t, "Activate", func(kn *kleidiv1.KleidiNode) string {
 		if msg := opDone("a1")(kn); msg != "" {
 			return msg
 		}

@@ -40,9 +40,9 @@ func startAPI(t *testing.T) (*rest.Config, client.Client) { return testenv.Start
 func startOperator(t *testing.T, cfg *rest.Config) (stop func()) {
 	t.Helper()
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme:  cmdutil.Scheme(),
-		Metrics: metricsserver.Options{BindAddress: "0"},
-		Client:  client.Options{Cache: &client.CacheOptions{DisableFor: []client.Object{&corev1.Secret{}}}},
+		Scheme:     cmdutil.Scheme(),
+		Metrics:    metricsserver.Options{BindAddress: "0"},
+		Client:     client.Options{Cache: &client.CacheOptions{DisableFor: []client.Object{&corev1.Secret{}}}},
 		Controller: config.Controller{SkipNameValidation: ptr(true)},
 	})
 	if err != nil {
