@@ -82,12 +82,12 @@ func (r *Reconciler) migrate(ctx context.Context, plugin *kleidiv1.KleidiPlugin,
 		switch phase {
 		case migrationFailed:
 			failed = append(failed, name)
-		case migrationPending:
+		case migrationPending, migrationRunning:
+			// The migrator may report Running yet wait for its caches to see a write of the resource (etcd 3.4
+			// sends no progress notifications): a migration not done after NudgeAfter gets a write.
 			if r.now().Sub(m.CreationTimestamp.Time) > orDefault(r.NudgeAfter, DefaultNudgeAfter) {
 				nudge = true
 			}
-			waiting = append(waiting, name)
-		case migrationRunning:
 			waiting = append(waiting, name)
 		}
 	}

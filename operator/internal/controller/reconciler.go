@@ -78,7 +78,7 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 // +kubebuilder:rbac:groups=kleidi.dev,resources=kleidiplugins;kleidinodes;keyrotations,verbs=get;list;watch;create;update;patch
 // +kubebuilder:rbac:groups=kleidi.dev,resources=kleidiplugins/status;keyrotations/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
-// +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch
+// +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch,namespace=kube-system
 // +kubebuilder:rbac:groups=storagemigration.k8s.io,resources=storageversionmigrations,verbs=get;list;watch;create
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 
@@ -101,6 +101,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		return ctrl.Result{}, err
 	}
 	st := r.observe(&plugin, nodes)
+	r.verifyRecord(&plugin, st)
 	r.bootstrap(ctx, &plugin, st)
 
 	requeue := orDefault(r.Resync, DefaultResync)

@@ -69,6 +69,45 @@ func (r *Reconciler) setRecord(plugin *kleidiv1.KleidiPlugin, kn *kleidiv1.Kleid
 		"keyring of record %s from node %s (active key %s)", s.KeyringDigest, kn.Name, s.ActiveKeyID)
 }
 
+// verifyRecord checks that the keyring of record is one its source node published: the digest of the record must
+// be one that node's agent reported (its keyring, the record it adopted, or the outcome of its last operation),
+// which only that agent may write. A record that whoever writes the KleidiPlugin's status changed is replaced by
+// its source node's keyring (or, with that node gone, by a ready member's). The plugins would refuse a forged
+// record anyway; this keeps it from blocking every node until the next operation.
+func (r *Reconciler) verifyRecord(plugin *kleidiv1.KleidiPlugin, st *state) {
+	if len(plugin.Status.Keyring) == 0 {
+		return
+	}
+	digest := Digest(plugin.Status.Keyring)
+	published := func(kn *kleidiv1.KleidiNode) bool {
+		s := kn.Status
+		return s.KeyringDigest == digest || s.AdoptedDigest == digest || (s.LastOperation != nil && s.LastOperation.KeyringDigest == digest)
+	}
+	src := st.node(plugin.Status.KeyringSource)
+	if digest == plugin.Status.KeyringDigest && src != nil && published(src) {
+		return
+	}
+	from := src
+	if from == nil || len(from.Status.Keyring) == 0 || Digest(from.Status.Keyring) != from.Status.KeyringDigest {
+		from = nil
+		for _, kn := range st.nodes {
+			s := kn.Status
+			if kn.Spec.ApprovedMemberID != "" && s.MemberID == kn.Spec.ApprovedMemberID && s.Joined && s.Healthy &&
+				len(s.Keyring) > 0 && Digest(s.Keyring) == s.KeyringDigest {
+				from = kn
+				break
+			}
+		}
+	}
+	if from == nil {
+		return
+	}
+	r.Recorder.Eventf(plugin, nil, corev1.EventTypeWarning, "KeyringOfRecordReplaced", "Verify",
+		"the keyring of record (%s) is not one node %s published: replaced by node %s's keyring", digest,
+		plugin.Status.KeyringSource, from.Name)
+	r.setRecord(plugin, from)
+}
+
 // bootstrap makes the keyring of the first approved, joined node the keyring of record when there is none.
 func (r *Reconciler) bootstrap(_ context.Context, plugin *kleidiv1.KleidiPlugin, st *state) {
 	if len(plugin.Status.Keyring) > 0 {
