@@ -1,9 +1,9 @@
 # One command runs every check: `make test`. CI runs it through .ci/run.
 GO ?= go
 STATICCHECK ?= $(shell $(GO) env GOPATH)/bin/staticcheck
-# Modules of their own (their heavy dependencies never reach library users): the AWS KMS provider, the tests through
-# kube-apiserver's KMS client, the end-to-end tests, and the load tool.
-TEST_MODULES := $(dir $(wildcard test/*/go.mod examples/*/go.mod awskms/go.mod))
+# Modules of their own (their heavy dependencies never reach library users): the AWS KMS provider, the operator, the
+# tests through kube-apiserver's KMS client, the end-to-end tests, and the load tool.
+TEST_MODULES := $(dir $(wildcard test/*/go.mod examples/*/go.mod awskms/go.mod operator/go.mod))
 
 # Packages of the root module whose tests start real components (swtpm and the TPM simulator, SoftHSM, helm, the
 # binaries, systemd units); the rest are unit tests.
@@ -18,6 +18,7 @@ lint:
 	$(GO) vet ./...
 	$(STATICCHECK) ./...
 	set -e; for m in $(TEST_MODULES); do (cd $$m && $(GO) vet ./... && $(STATICCHECK) ./...); done
+	$(MAKE) -C operator verify-generate   # the committed CRDs, deepcopy and RBAC are what the API's markers generate
 
 # Unit and fuzz-seed tests of the library, the gpg provider and the server, with the race detector.
 unit:
