@@ -49,10 +49,6 @@ type KleidiPluginSpec struct {
 	// +optional
 	Rotation RotationPolicy `json:"rotation,omitempty"`
 
-	// RecoveryKey is an armored OpenPGP public key every key is also wrapped for, kept offline.
-	// +optional
-	RecoveryKey string `json:"recoveryKey,omitempty"`
-
 	// Enrollment says how new nodes are approved.
 	// +kubebuilder:default={}
 	// +optional
