@@ -266,12 +266,12 @@ func TestOperator(t *testing.T) {
 		}
 	})
 
-	t.Run("fourth node", func(t *testing.T) {
+	t.Run("fourth node joins, then leaves", func(t *testing.T) {
 		n4 := h.addNode(t, "cp-4")
 		h.serve(t, n4, false, adminFlag(n4))
 		s.createNodes(t, n1.api, "cp-4")
 		s.startAgent(t, n4, n1)
-		s.approve(t, n4)
+		member4 := s.approve(t, n4)
 		n4.plugin.waitHealthy(t, 120*time.Second)
 		if got, want := n4.plugin.keyID(t), n1.plugin.keyID(t); got != want {
 			t.Errorf("cp-4 reports key_id %s, cp-1 %s", got, want)
@@ -287,5 +287,47 @@ func TestOperator(t *testing.T) {
 			}
 		}
 		t.Logf("kubectl get kleidinodes:\n%s", s.kubectl(t, "", "get", "kleidinodes"))
+
+		// The node goes away for good: its Node is deleted, its KleidiNode with it, and the operator unenrolls its
+		// member (a rotation to a key it never held), then re-encrypts and retires what it held.
+		before := n1.plugin.keyID(t)
+		if err := n1.api.cs.CoreV1().Nodes().Delete(context.Background(), "cp-4", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		eventually(t, 2*time.Minute, 500*time.Millisecond, "cp-4's member unenrolled", func() error {
+			got, _, _ := unstructured.NestedStringSlice(s.get(t, kleidiPlugins, "kleidi").Object, "status", "members")
+			if slices.Contains(got, member4) {
+				return fmt.Errorf("members %v", got)
+			}
+			return nil
+		})
+		if out := n1.cliOut(t, "recipients", nil); strings.Contains(out, member4) {
+			t.Errorf("cp-1's keyring still lists %s:\n%s", member4, out)
+		}
+		rotations := s.kubectl(t, "", "get", "keyrotations", "-o", "name")
+		name := ""
+		for line := range strings.SplitSeq(rotations, "\n") {
+			if strings.HasPrefix(line, "keyrotation.kleidi.dev/unenroll-") {
+				name = strings.TrimPrefix(line, "keyrotation.kleidi.dev/")
+			}
+		}
+		if name == "" {
+			t.Fatalf("no KeyRotation after unenrolling cp-4: %s", rotations)
+		}
+		u := s.waitPhase(t, name, "Succeeded", 5*time.Minute)
+		t.Logf("cp-4 removed, re-encrypted and retired in %s", time.Since(start).Round(time.Millisecond))
+		newID := str(u, "status", "keyID")
+		if newID == before {
+			t.Errorf("the key after unenrolling cp-4 is still %s", before)
+		}
+		for name, id := range storedUnder(t) {
+			if id != newID {
+				t.Errorf("secret %s stored under %s after cp-4 left, want %s", name, id, newID)
+			}
+		}
+		if out := n2.cliOut(t, "recipients", nil); strings.Contains(out, before) {
+			t.Errorf("cp-2 still holds %s, which cp-4 held, after the retention:\n%s", before, out)
+		}
 	})
 }

@@ -83,6 +83,10 @@ type KeyRotationStatus struct {
 	// RetireAfter is when the previous key is forgotten: migratedAt plus retiredKeyRetention.
 	// +optional
 	RetireAfter *metav1.Time `json:"retireAfter,omitempty"`
+	// Forgotten are the keys every node forgets at retireAfter: the previous key and every older retired key (such
+	// as those an unenrolled member held), all re-encrypted away by the migration.
+	// +optional
+	Forgotten []string `json:"forgotten,omitempty"`
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 	// Conditions are Progressing, Blocked and Complete.

@@ -156,6 +156,11 @@ func (in *KeyRotationStatus) DeepCopyInto(out *KeyRotationStatus) {
 		in, out := &in.RetireAfter, &out.RetireAfter
 		*out = (*in).DeepCopy()
 	}
+	if in.Forgotten != nil {
+		in, out := &in.Forgotten, &out.Forgotten
+		*out = make([]string, len(*in))
+		copy(*out, *in)
+	}
 	if in.Conditions != nil {
 		in, out := &in.Conditions, &out.Conditions
 		*out = make([]v1.Condition, len(*in))

@@ -218,14 +218,13 @@ func (a *Agent) forgetRetired(ctx context.Context, st admin.State) error {
 		return err
 	}
 	for _, rot := range rots.Items {
-		prev := rot.Status.PreviousKeyID
-		if rot.Status.Phase != kleidiv1.PhaseSucceeded || prev == "" {
+		if rot.Status.Phase != kleidiv1.PhaseSucceeded {
 			continue
 		}
 		for _, k := range st.Keys {
-			if k.ID == prev && k.State == "retired" {
-				if err := a.Plugin.Forget(ctx, prev); err != nil {
-					return fmt.Errorf("forget key %s retired by KeyRotation %s: %w", prev, rot.Name, err)
+			if k.State == "retired" && slices.Contains(rot.Status.Forgotten, k.ID) {
+				if err := a.Plugin.Forget(ctx, k.ID); err != nil {
+					return fmt.Errorf("forget key %s retired by KeyRotation %s: %w", k.ID, rot.Name, err)
 				}
 			}
 		}

@@ -113,6 +113,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		requeue = after
 	}
 	if !rotating {
+		if err := r.unenroll(ctx, &plugin, st); err != nil {
+			return ctrl.Result{}, err
+		}
 		if err := r.enroll(ctx, &plugin, st); err != nil {
 			return ctrl.Result{}, err
 		}

@@ -158,6 +158,54 @@ func (r *Reconciler) enroll(ctx context.Context, plugin *kleidiv1.KleidiPlugin, 
 	return nil
 }
 
+// unenroll removes from the keyring a member of the provider's kind that no KleidiNode approves any more: its Node
+// was deleted, or the node was approved under a new member ID after its TPM was cleared or replaced. A ready member
+// unenrolls it, which rotates to a key the old member never held, and its keyring becomes the record; then a
+// KeyRotation re-encrypts every resource and, after its retention, forgets the keys the old member could unwrap.
+// Members of another kind (an OpenPGP recovery key) are left alone.
+func (r *Reconciler) unenroll(ctx context.Context, plugin *kleidiv1.KleidiPlugin, st *state) error {
+	if len(plugin.Status.Keyring) == 0 {
+		return nil
+	}
+	approved := make(map[string]bool, len(st.nodes))
+	for _, kn := range st.nodes {
+		approved[kn.Spec.ApprovedMemberID] = true
+	}
+	for _, m := range plugin.Status.Members {
+		if approved[m] || !strings.HasPrefix(m, string(plugin.Spec.Provider)+"-") {
+			continue
+		}
+		coord := r.coordinator(plugin, st)
+		if coord == nil {
+			return nil
+		}
+		req := kleidiv1.NodeRequest{ID: "unenroll-" + shortHash(m), Type: kleidiv1.RequestUnenroll, MemberID: m}
+		op, err := r.request(ctx, coord, req)
+		if err != nil || op == nil {
+			return err
+		}
+		if !op.Succeeded {
+			r.Recorder.Eventf(plugin, nil, corev1.EventTypeWarning, "UnenrollFailed", "Unenroll",
+				"node %s refused to unenroll member %s: %s", coord.Name, m, op.Message)
+			continue
+		}
+		if !r.publish(plugin, coord, op) {
+			return nil
+		}
+		r.Recorder.Eventf(plugin, nil, corev1.EventTypeNormal, "Unenrolled", "Unenroll",
+			"member %s unenrolled by %s; key %s is active", m, coord.Name, op.KeyID)
+		rot := &kleidiv1.KeyRotation{
+			ObjectMeta: metav1.ObjectMeta{Name: "unenroll-" + shortHash(m)},
+			Spec:       kleidiv1.KeyRotationSpec{Reason: fmt.Sprintf("member %s was unenrolled: re-encrypt, and retire the keys it held", m)},
+		}
+		if err := r.Client.Create(ctx, rot); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("create KeyRotation after unenrolling %s: %w", m, err)
+		}
+		return nil
+	}
+	return nil
+}
+
 // schedule creates a KeyRotation when the active key of the record is older than the policy's maxKeyAge. Its
 // name derives from the key, so the same key is never scheduled twice.
 func (r *Reconciler) schedule(ctx context.Context, plugin *kleidiv1.KleidiPlugin, st *state) error {

@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -349,43 +350,57 @@ func (r *Reconciler) retire(ctx context.Context, plugin *kleidiv1.KleidiPlugin, 
 				rot.Status.PreviousKeyID, rot.Status.RetireAfter.UTC().Format(time.RFC3339)))
 		return wait, nil
 	}
-	if rot.Status.PreviousKeyID == "" {
+	coord := r.coordinatorOf(st, rot)
+	if coord == nil {
+		return 0, nil
+	}
+	if rot.Status.Forgotten == nil { // decided once: every key retired in the coordinator's keyring
+		rot.Status.Forgotten = []string{}
+		for _, k := range coord.Status.Keys {
+			if k.State == "retired" {
+				rot.Status.Forgotten = append(rot.Status.Forgotten, k.ID)
+			}
+		}
+	}
+	if len(rot.Status.Forgotten) == 0 {
 		r.finish(rot, kleidiv1.PhaseSucceeded, kleidiv1.ReasonSucceeded, "key "+rot.Status.KeyID+" is active everywhere")
 		return 0, nil
 	}
-	req := kleidiv1.NodeRequest{ID: rot.Name + "-forget", Type: kleidiv1.RequestForget, KeyID: rot.Status.PreviousKeyID}
 	if len(st.unavailable) > 0 {
 		r.blocked(rot, kleidiv1.ReasonNodeUnavailable, "nodes unavailable: "+strings.Join(st.unavailable, ", "))
 		return 0, nil
 	}
-	var waiting []string
-	for _, kn := range st.members {
-		op, err := r.request(ctx, kn, req)
-		if err != nil {
-			return 0, err
+	// One Forget request per key, each run on every member node before the next.
+	for _, id := range rot.Status.Forgotten {
+		req := kleidiv1.NodeRequest{ID: rot.Name + "-forget-" + shortHash(id), Type: kleidiv1.RequestForget, KeyID: id}
+		var waiting []string
+		for _, kn := range st.members {
+			if !slices.ContainsFunc(kn.Status.Keys, func(k kleidiv1.NodeKey) bool { return k.ID == id }) {
+				continue // forgotten already
+			}
+			op, err := r.request(ctx, kn, req)
+			if err != nil {
+				return 0, err
+			}
+			switch {
+			case op == nil:
+				waiting = append(waiting, kn.Name)
+			case !op.Succeeded:
+				r.finish(rot, kleidiv1.PhaseFailed, kleidiv1.ReasonOperationFailed,
+					fmt.Sprintf("%s refused to forget key %s: %s", kn.Name, id, op.Message))
+				return 0, nil
+			}
 		}
-		switch {
-		case op == nil:
-			waiting = append(waiting, kn.Name)
-		case !op.Succeeded:
-			r.finish(rot, kleidiv1.PhaseFailed, kleidiv1.ReasonOperationFailed,
-				fmt.Sprintf("%s refused to forget key %s: %s", kn.Name, req.KeyID, op.Message))
+		if len(waiting) > 0 {
+			r.progress(rot, fmt.Sprintf("waiting for nodes to forget key %s: %s", id, strings.Join(waiting, ", ")))
 			return 0, nil
 		}
-	}
-	if len(waiting) > 0 {
-		r.progress(rot, fmt.Sprintf("waiting for nodes to forget key %s: %s", req.KeyID, strings.Join(waiting, ", ")))
-		return 0, nil
-	}
-	coord := r.coordinatorOf(st, rot)
-	if coord == nil {
-		return 0, nil
 	}
 	if !r.publish(plugin, coord, coord.Status.LastOperation) {
 		r.progress(rot, "waiting for "+coord.Name+" to publish its keyring after Forget")
 		return 0, nil
 	}
 	r.finish(rot, kleidiv1.PhaseSucceeded, kleidiv1.ReasonSucceeded,
-		fmt.Sprintf("key %s is active everywhere; key %s is forgotten", rot.Status.KeyID, rot.Status.PreviousKeyID))
+		fmt.Sprintf("key %s is active everywhere; forgotten: %s", rot.Status.KeyID, strings.Join(rot.Status.Forgotten, ", ")))
 	return 0, nil
 }

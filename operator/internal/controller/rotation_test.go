@@ -301,9 +301,12 @@ func TestNodesEnrollmentAndRotation(t *testing.T) {
 		t.Errorf("r1 migrations = %+v, want one Succeeded", r1.Status.Migrations)
 	}
 	for name := range agents {
-		if op := getNode(t, c, name).Status.LastOperation; op == nil || op.ID != "r1-forget" || op.KeyID != k0.ID {
-			t.Errorf("%s lastOperation = %+v, want r1-forget of %s", name, op, k0.ID)
+		if op := getNode(t, c, name).Status.LastOperation; op == nil || op.ID != "r1-forget-"+shortHash(k0.ID) || op.KeyID != k0.ID {
+			t.Errorf("%s lastOperation = %+v, want the Forget of %s", name, op, k0.ID)
 		}
+	}
+	if !slices.Equal(r1.Status.Forgotten, []string{k0.ID}) {
+		t.Errorf("r1 forgotten = %v, want [%s]", r1.Status.Forgotten, k0.ID)
 	}
 	var rec simRing
 	if err := json.Unmarshal(getPlugin(t, c).Status.Keyring, &rec); err != nil {
