@@ -46,7 +46,7 @@ func TestOperator(t *testing.T) {
 		s.startAgent(t, n, n1)
 	}
 	s.create(t, kleidiPlugins, `{"apiVersion":"kleidi.dev/v1alpha1","kind":"KleidiPlugin","metadata":{"name":"kleidi"},
-		"spec":{"provider":"tpm","rotation":{"retiredKeyRetention":"15s"}}}`)
+		"spec":{"provider":"tpm","rotation":{"retiredKeyRetention":"5s"}}}`)
 	t.Logf("control plane, operator and agents up in %s", time.Since(start).Round(time.Millisecond))
 
 	members := map[string]string{}

@@ -162,9 +162,11 @@ func (r *Reconciler) enroll(ctx context.Context, plugin *kleidiv1.KleidiPlugin, 
 // was deleted, or the node was approved under a new member ID after its TPM was cleared or replaced. A ready member
 // unenrolls it, which rotates to a key the old member never held, and its keyring becomes the record; then a
 // KeyRotation re-encrypts every resource and, after its retention, forgets the keys the old member could unwrap.
-// Members of another kind (an OpenPGP recovery key) are left alone.
+// Members of another kind (an OpenPGP recovery key) are left alone. It waits until every remaining member node is
+// available and in sync, since the new key must reach them all.
 func (r *Reconciler) unenroll(ctx context.Context, plugin *kleidiv1.KleidiPlugin, st *state) error {
-	if len(plugin.Status.Keyring) == 0 {
+	// Unenrolling rotates at once: every remaining member must be there to adopt the new key.
+	if len(plugin.Status.Keyring) == 0 || len(st.unavailable) > 0 || len(st.outOfSync) > 0 {
 		return nil
 	}
 	approved := make(map[string]bool, len(st.nodes))
