@@ -52,11 +52,18 @@ type Agent struct {
 	// NodeName is this node's name, the name of its KleidiNode.
 	NodeName string
 	Log      logr.Logger
+	// Reader reads this node's KleidiNode from the API server itself, never from a cache that may lag behind
+	// this agent's own last write: a request runs once only if the agent sees its own record of it. Default: the
+	// manager's API reader.
+	Reader client.Reader
 }
 
 // SetupWithManager runs [Agent.Sync] every [Interval] and whenever its KleidiNode's spec or the KleidiPlugin
 // changes.
 func (a *Agent) SetupWithManager(mgr ctrl.Manager) error {
+	if a.Reader == nil {
+		a.Reader = mgr.GetAPIReader()
+	}
 	me := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
 		return []reconcile.Request{{NamespacedName: types.NamespacedName{Name: a.NodeName}}}
 	})
@@ -72,8 +79,12 @@ func (a *Agent) SetupWithManager(mgr ctrl.Manager) error {
 
 // Sync runs one pass: see the package documentation.
 func (a *Agent) Sync(ctx context.Context) error {
+	reader := a.Reader
+	if reader == nil {
+		reader = a.Client
+	}
 	var kn kleidiv1.KleidiNode
-	if err := a.Client.Get(ctx, client.ObjectKey{Name: a.NodeName}, &kn); err != nil {
+	if err := reader.Get(ctx, client.ObjectKey{Name: a.NodeName}, &kn); err != nil {
 		if apierrors.IsNotFound(err) {
 			a.Log.Info("no KleidiNode for this node yet: the operator creates it for a node its KleidiPlugin selects", "node", a.NodeName)
 			return nil
@@ -163,7 +174,9 @@ func (a *Agent) report(kn *kleidiv1.KleidiNode, status metav1.ConditionStatus, r
 
 // patch writes the status with a merge patch: the operator may have changed the spec meanwhile.
 func (a *Agent) patch(ctx context.Context, orig, kn *kleidiv1.KleidiNode) error {
-	if err := a.Client.Status().Patch(ctx, kn, client.MergeFrom(orig)); err != nil {
+	// With the resource version of what this pass read: a status another pass changed meanwhile is not
+	// overwritten field by field, the write fails and the next pass reads it again.
+	if err := a.Client.Status().Patch(ctx, kn, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})); err != nil {
 		return fmt.Errorf("write KleidiNode %s status: %w", kn.Name, err)
 	}
 	return nil
