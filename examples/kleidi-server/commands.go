@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/kleidi-kms/kleidi"
@@ -21,7 +22,15 @@ import (
 	"github.com/kleidi-kms/kleidi/server"
 )
 
+// serveGCPercent is serve's garbage collector target unless GOGC says otherwise: every call allocates its request
+// and response, and at Go's default of 100 the collector took about 12% of a loaded plugin; at 200 the heap stays a
+// few MiB larger and the collector runs half as often.
+const serveGCPercent = 200
+
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(serveGCPercent)
+	}
 	var o options
 	fs := newFlagSet("serve", stderr)
 	o.register(fs)
