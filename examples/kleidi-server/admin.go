@@ -5,9 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"slices"
 	"sync"
@@ -317,22 +315,12 @@ func (o *options) awaitJoin(ctx context.Context, ab *adminBackend, httpAddr stri
 		})
 	}
 	ab.joining(jp, join)
-	if httpAddr != "off" && httpAddr != "" {
-		mux := http.NewServeMux()
-		mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
-		joining := func(w http.ResponseWriter, _ *http.Request) {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			io.WriteString(w, "joining: no keyring yet\n")
-		}
-		mux.HandleFunc("GET /readyz", joining)
-		mux.HandleFunc("GET /healthz", joining)
-		stop, err := serveHTTP(httpAddr, mux, o.log)
-		if err != nil {
-			jp.Close()
-			return nil, nil, err
-		}
-		defer stop()
+	stop, err := serveNotReady(httpAddr, "joining: no keyring yet", o.log)
+	if err != nil {
+		jp.Close()
+		return nil, nil, err
 	}
+	defer stop()
 	st, _ := ab.State(ctx)
 	o.log.Info("joining: no keyring yet; waiting for the agent to hand this node the cluster's keyring", "member", st.MemberID)
 	select {

@@ -2,9 +2,12 @@ package main_test
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -103,6 +106,18 @@ func TestAdminJoinAndRotate(t *testing.T) {
 	// Nothing listens on the KMS socket until the node joins: kube-apiserver sees no plugin rather than a wrong key.
 	if _, err := os.Stat(b.s.socket()); err == nil {
 		t.Error("a joining node serves KMS")
+	}
+	// It is alive (the kubelet leaves it be) and not ready, and says why.
+	for path, want := range map[string]int{"/livez": http.StatusOK, "/readyz": http.StatusServiceUnavailable} {
+		resp, err := http.Get("http://" + b.srv.httpAddr(t) + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want || (want != http.StatusOK && !strings.Contains(string(body), "joining")) {
+			t.Errorf("GET %s on a joining node = %d %q, want %d", path, resp.StatusCode, body, want)
+		}
 	}
 
 	member, err := a.client.Enroll(ctx, stB.Identity)

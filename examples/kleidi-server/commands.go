@@ -137,23 +137,30 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func holdRefusedPIN(ctx context.Context, httpAddr string, log *slog.Logger, err error) error {
 	log.Error("the PKCS#11 token refused the PIN: serving nothing and not trying again, so that the token does not "+
 		"lock; correct the PIN file, then restart the plugin", "error", err)
-	if httpAddr != "off" && httpAddr != "" {
-		mux := http.NewServeMux()
-		mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
-		unhealthy := func(w http.ResponseWriter, _ *http.Request) {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			io.WriteString(w, "root of trust refused the PIN\n")
-		}
-		mux.HandleFunc("GET /readyz", unhealthy)
-		mux.HandleFunc("GET /healthz", unhealthy)
-		stop, herr := serveHTTP(httpAddr, mux, log)
-		if herr != nil {
-			return herr
-		}
-		defer stop()
+	stop, herr := serveNotReady(httpAddr, "root of trust refused the PIN", log)
+	if herr != nil {
+		return herr
 	}
+	defer stop()
 	<-ctx.Done()
 	return nil // stopped on request: the refusal was logged
+}
+
+// serveNotReady serves, on httpAddr ("off" or "" for none), the health endpoints of a plugin that is alive but
+// serves no KMS: /livez answers ok, so the kubelet does not restart it; /readyz and /healthz answer 503 with reason.
+func serveNotReady(httpAddr, reason string, log *slog.Logger) (stop func(), err error) {
+	if httpAddr == "off" || httpAddr == "" {
+		return func() {}, nil
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	notReady := func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, reason+"\n")
+	}
+	mux.HandleFunc("GET /readyz", notReady)
+	mux.HandleFunc("GET /healthz", notReady)
+	return serveHTTP(httpAddr, mux, log)
 }
 
 // serveHTTP serves h on addr until the returned function is called.
