@@ -227,14 +227,23 @@ func TestHelmValuesRejected(t *testing.T) {
 	})
 }
 
-// helmRefuses renders the chart with each case's --set values and fails unless helm refuses, naming want.
+// helmRefuses renders the plugin's chart with each case's --set values and fails unless helm refuses, naming want.
 func helmRefuses(t *testing.T, helm string, cases []struct {
 	set  []string
 	want string
 }) {
 	t.Helper()
+	chartRefuses(t, helm, "kleidi", chartDir, cases)
+}
+
+// chartRefuses is helmRefuses for any chart, rendered as release.
+func chartRefuses(t *testing.T, helm, release, chart string, cases []struct {
+	set  []string
+	want string
+}) {
+	t.Helper()
 	for _, c := range cases {
-		args := []string{"template", "kleidi", chartDir}
+		args := []string{"template", release, chart}
 		for _, s := range c.set {
 			args = append(args, "--set", s)
 		}

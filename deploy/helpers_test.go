@@ -5,9 +5,11 @@
 //
 // The tests are split by concern: binary_test.go (the static binary as the manifests run it),
 // container_test.go, staticpod_test.go, systemd_test.go, helm_test.go and chart_*_test.go (the chart), host_*
-// (kubeadm and several nodes), observability_test.go (alerts and dashboard); helpers_test.go holds what they share.
+// (kubeadm and several nodes), observability_test.go (alerts and dashboard), operator_chart_test.go (the
+// operator's chart and its alerts), images_test.go (the FROM scratch images, run with podman); helpers_test.go
+// holds what they share.
 //
-// They need helm (go install helm.sh/helm/v3/cmd/helm@v3.22.0), swtpm and gnupg; systemd-analyze is used
+// They need helm (go install helm.sh/helm/v3/cmd/helm@v3.22.0), swtpm, gnupg and podman; systemd-analyze is used
 // where it exists. The same manifests are validated by a real kube-apiserver in test/e2e/deploy_test.go.
 package deploy_test
 

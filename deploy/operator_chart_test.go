@@ -243,20 +243,7 @@ func TestOperatorChartValuesRejected(t *testing.T) {
 		{[]string{"plugin.create=true", "plugin.spec.provider=vault"}, "/plugin/spec/provider"},
 		{[]string{"privileged=true"}, "privileged"},
 	}
-	for _, c := range cases {
-		args := []string{"template", "kleidi-operator", operatorChartDir}
-		for _, s := range c.set {
-			args = append(args, "--set", s)
-		}
-		out, err := run(t, time.Minute, "", nil, helm, args...)
-		if err == nil {
-			t.Errorf("--set %v: rendered, want an error", c.set)
-			continue
-		}
-		if !strings.Contains(out, c.want) {
-			t.Errorf("--set %v: error does not name %q:\n%s", c.set, c.want, out)
-		}
-	}
+	chartRefuses(t, helm, "kleidi-operator", operatorChartDir, cases)
 }
 
 // TestOperatorChartOnAPIServer installs the chart's CRDs in a real kube-apiserver, has it validate every rendering
