@@ -109,8 +109,11 @@ func request(t *testing.T, c client.Client, req kleidiv1.NodeRequest) {
 	if err := c.Get(context.Background(), client.ObjectKey{Name: "node-1"}, &kn); err != nil {
 		t.Fatal(err)
 	}
+	orig := kn.DeepCopy()
 	kn.Spec.Request = &req
-	if err := c.Update(context.Background(), &kn); err != nil {
+	// A merge patch of the spec alone: the agent writes the status meanwhile, which an Update of the whole
+	// object read before would conflict with.
+	if err := c.Patch(context.Background(), &kn, client.MergeFrom(orig)); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -354,12 +354,19 @@ func (r *Reconciler) retire(ctx context.Context, plugin *kleidiv1.KleidiPlugin, 
 	if coord == nil {
 		return 0, nil
 	}
-	if rot.Status.Forgotten == nil { // decided once: every key retired in the coordinator's keyring
+	if rot.Status.Forgotten == nil {
+		// Decided once, from the coordinator's keyring, and written before any node is asked to forget: once a
+		// node has forgotten a key, its keyring no longer says the key was retired, so a decision lost to a
+		// failed status write could not be made again.
 		rot.Status.Forgotten = []string{}
 		for _, k := range coord.Status.Keys {
 			if k.State == "retired" {
 				rot.Status.Forgotten = append(rot.Status.Forgotten, k.ID)
 			}
+		}
+		if len(rot.Status.Forgotten) > 0 {
+			r.progress(rot, "forgetting retired keys: "+strings.Join(rot.Status.Forgotten, ", "))
+			return time.Second, nil
 		}
 	}
 	if len(rot.Status.Forgotten) == 0 {

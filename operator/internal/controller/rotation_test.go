@@ -139,8 +139,10 @@ func TestNodesEnrollmentAndRotation(t *testing.T) {
 	// The administrator approves the three member IDs.
 	for name, a := range agents {
 		kn := getNode(t, c, name)
+		orig := kn.DeepCopy()
 		kn.Spec.ApprovedMemberID = a.member
-		if err := c.Update(ctx, kn); err != nil {
+		// A merge patch of the spec alone, as kubectl patch does: the agent writes the status meanwhile.
+		if err := c.Patch(ctx, kn, client.MergeFrom(orig)); err != nil {
 			t.Fatal(err)
 		}
 	}
