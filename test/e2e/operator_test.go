@@ -48,6 +48,14 @@ func TestOperator(t *testing.T) {
 	s.create(t, kleidiPlugins, `{"apiVersion":"kleidi.dev/v1alpha1","kind":"KleidiPlugin","metadata":{"name":"kleidi"},
 		"spec":{"provider":"tpm","rotation":{"retiredKeyRetention":"5s"}}}`)
 	t.Logf("control plane, operator and agents up in %s", time.Since(start).Round(time.Millisecond))
+	t.Cleanup(func() {
+		if t.Failed() { // what the operator saw, for the failure's diagnosis (keyrings are public; no key is shown)
+			t.Logf("kubectl get kleidiplugins,kleidinodes,keyrotations:\n%s", s.kubectl(t, "", "get", "kleidiplugins,kleidinodes,keyrotations", "-o", "wide"))
+			t.Logf("KleidiPlugin conditions:\n%s", s.kubectl(t, "", "get", "kleidiplugin", "kleidi", "-o",
+				`jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}`))
+			t.Logf("events:\n%s", s.kubectl(t, "", "get", "events", "-A", "--sort-by=.lastTimestamp"))
+		}
+	})
 
 	members := map[string]string{}
 	t.Run("enrollment", func(t *testing.T) {

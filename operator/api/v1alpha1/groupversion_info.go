@@ -61,6 +61,7 @@ const (
 	ReasonNotInSync         = "NotInSync"
 	ReasonAwaitingApproval  = "AwaitingApproval"
 	ReasonAwaitingEnroll    = "AwaitingEnrollment"
+	ReasonAwaitingUnenroll  = "AwaitingUnenrollment"
 	ReasonAllEnrolled       = "AllEnrolled"
 	ReasonQueued            = "Queued"
 	ReasonPhase             = "Phase"

@@ -149,6 +149,9 @@ type state struct {
 	outOfSync []string
 	// awaitingApproval and awaitingEnrollment name nodes on their way in.
 	awaitingApproval, awaitingEnrollment []string
+	// leaving are the node members of the record that no KleidiNode is approved as any more: their Node is
+	// gone. The recovery members (another provider's) stay.
+	leaving []string
 }
 
 // available reports whether a node's agent reported recently and its plugin is healthy.
@@ -198,6 +201,15 @@ func (r *Reconciler) observe(plugin *kleidiv1.KleidiPlugin, nodes []*kleidiv1.Kl
 			}
 		} else {
 			st.outOfSync = append(st.outOfSync, kn.Name)
+		}
+	}
+	approved := make(map[string]bool, len(nodes))
+	for _, kn := range nodes {
+		approved[kn.Spec.ApprovedMemberID] = true
+	}
+	for _, m := range plugin.Status.Members {
+		if !approved[m] && strings.HasPrefix(m, string(plugin.Spec.Provider)+"-") {
+			st.leaving = append(st.leaving, m)
 		}
 	}
 	return st
@@ -262,6 +274,13 @@ func (r *Reconciler) setPluginStatus(plugin *kleidiv1.KleidiPlugin, st *state) {
 	case len(st.awaitingApproval) > 0:
 		set(kleidiv1.ConditionEnrolling, true, kleidiv1.ReasonAwaitingApproval,
 			"compare the member ID out of band, then set spec.approvedMemberID: "+strings.Join(st.awaitingApproval, ", "))
+	case len(st.leaving) > 0:
+		why := "waits for no rotation to run and every member node to be available and in sync"
+		if blockers := slices.Concat(st.unavailable, prefix("not in sync: ", st.outOfSync)); len(blockers) > 0 {
+			why = "waits for: " + strings.Join(blockers, ", ")
+		}
+		set(kleidiv1.ConditionEnrolling, true, kleidiv1.ReasonAwaitingUnenroll,
+			"members whose node is gone, to unenroll: "+strings.Join(st.leaving, ", ")+"; "+why)
 	case len(st.awaitingEnrollment) > 0:
 		set(kleidiv1.ConditionEnrolling, true, kleidiv1.ReasonAwaitingEnroll,
 			"approved, not yet enrolled: "+strings.Join(st.awaitingEnrollment, ", "))

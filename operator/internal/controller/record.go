@@ -169,14 +169,7 @@ func (r *Reconciler) unenroll(ctx context.Context, plugin *kleidiv1.KleidiPlugin
 	if len(plugin.Status.Keyring) == 0 || len(st.unavailable) > 0 || len(st.outOfSync) > 0 {
 		return nil
 	}
-	approved := make(map[string]bool, len(st.nodes))
-	for _, kn := range st.nodes {
-		approved[kn.Spec.ApprovedMemberID] = true
-	}
-	for _, m := range plugin.Status.Members {
-		if approved[m] || !strings.HasPrefix(m, string(plugin.Spec.Provider)+"-") {
-			continue
-		}
+	for _, m := range st.leaving {
 		coord := r.coordinator(plugin, st)
 		if coord == nil {
 			return nil

@@ -323,4 +323,42 @@ func TestNodesEnrollmentAndRotation(t *testing.T) {
 	if err := c.Get(ctx, client.ObjectKey{Name: "worker-1"}, &kleidiv1.KleidiNode{}); !apierrors.IsNotFound(err) {
 		t.Errorf("Get(KleidiNode worker-1) err = %v, want not found", err)
 	}
+
+	// cp-c's Node is deleted while cp-b is silent: the condition names the member to unenroll and what it waits
+	// for; once cp-b reports again, a member unenrolls gpg-c and a KeyRotation re-encrypts.
+	agents["cp-b"].set(func(s *simAgent) { s.down = true })
+	eventually(t, 20*time.Second, "cp-b silent", func() string {
+		p := getPlugin(t, c)
+		if cond := meta.FindStatusCondition(p.Status.Conditions, kleidiv1.ConditionReady); cond == nil ||
+			!strings.Contains(cond.Message, "cp-b (no agent report") {
+			return condition(p.Status.Conditions, kleidiv1.ConditionReady)
+		}
+		return ""
+	})
+	if err := c.Delete(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "cp-c"}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "unenrollment waiting for cp-b", func() string {
+		p := getPlugin(t, c)
+		cond := meta.FindStatusCondition(p.Status.Conditions, kleidiv1.ConditionEnrolling)
+		if cond == nil || cond.Reason != kleidiv1.ReasonAwaitingUnenroll || !strings.Contains(cond.Message, "gpg-c") ||
+			!strings.Contains(cond.Message, "cp-b (no agent report") {
+			return condition(p.Status.Conditions, kleidiv1.ConditionEnrolling)
+		}
+		if !slices.Contains(p.Status.Members, "gpg-c") {
+			return fmt.Sprintf("members %v: gpg-c unenrolled while cp-b was silent", p.Status.Members)
+		}
+		return ""
+	})
+	agents["cp-b"].set(func(s *simAgent) { s.down = false })
+	eventually(t, 30*time.Second, "gpg-c unenrolled", func() string {
+		p := getPlugin(t, c)
+		if slices.Contains(p.Status.Members, "gpg-c") || p.Status.ActiveKeyID == keyID {
+			return fmt.Sprintf("members %v, active key %s; want gpg-c gone and a new key", p.Status.Members, p.Status.ActiveKeyID)
+		}
+		if err := c.Get(ctx, client.ObjectKey{Name: "unenroll-" + shortHash("gpg-c")}, &kleidiv1.KeyRotation{}); err != nil {
+			return "KeyRotation after unenrolling: " + err.Error()
+		}
+		return ""
+	})
 }

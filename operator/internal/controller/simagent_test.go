@@ -115,6 +115,17 @@ func (s *simAgent) step(ctx context.Context) error {
 			s.ring.Active = req.KeyID
 		case kleidiv1.RequestForget:
 			s.ring.Keys = slices.DeleteFunc(s.ring.Keys, func(k kleidiv1.NodeKey) bool { return k.ID == req.KeyID })
+		case kleidiv1.RequestUnenroll: // the member goes, and the keyring rotates at once to a key it never held
+			s.ring.Members = slices.DeleteFunc(s.ring.Members, func(m string) bool { return m == req.MemberID })
+			s.count++
+			op.KeyID = fmt.Sprintf("kleidi-gpg-%s-%d", s.name, s.count)
+			for i := range s.ring.Keys {
+				if s.ring.Keys[i].ID == s.ring.Active {
+					s.ring.Keys[i].State = "retired"
+				}
+			}
+			s.ring.Keys = append(s.ring.Keys, kleidiv1.NodeKey{ID: op.KeyID, State: "active", Held: true, Created: &now})
+			s.ring.Active = op.KeyID
 		case kleidiv1.RequestEnroll:
 			var other kleidiv1.KleidiNode
 			if err := s.c.Get(ctx, client.ObjectKey{Name: req.Node}, &other); err != nil {
