@@ -217,6 +217,9 @@ func writeComparison(w io.Writer, c *Comparison) {
 		}
 		tw.Flush()
 		for _, e := range cell.Endpoints {
+			if len(e.Runs) > 0 && e.Runs[0].AnnotationBytes > 0 {
+				fmt.Fprintf(w, "%s: every Decrypt request carries %d bytes of annotations\n", e.Name, e.Runs[0].AnnotationBytes)
+			}
 			for _, k := range sortedKeys(e.Metrics) {
 				fmt.Fprintf(w, "%s: %s %+g over %d calls (%.2f per 10,000 calls)\n", e.Name, k, e.Metrics[k], e.Calls,
 					e.Metrics[k]*1e4/float64(max(e.Calls, 1)))

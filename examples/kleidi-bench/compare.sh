@@ -11,6 +11,10 @@
 # BEFORE=<commit> also runs kleidi-server as it was at that commit, as operators run it ("kleidi-gpg-before"), in
 # the same alternating runs, so a change is measured against what it changed on one machine at one time.
 #
+# RECIPIENTS=3,5 also runs gpg kleidi-server as operators run it with every KEK wrapped to 3 and to 5 OpenPGP
+# recipients ("kleidi-gpg-3recipients", ...): the attached key of every ciphertext carries one encrypted session
+# key per recipient, so each Decrypt request grows with them.
+#
 # Results go to $OUT (default ./kleidi-bench-results-<time>): compare.txt and compare.json (every run), and
 # summary.txt (machine, time to healthy, resident set). Needs go and swtpm (installed with apt-get when
 # missing and running as root).
@@ -25,6 +29,7 @@ RESTARTS=${RESTARTS:-3}   # restarts on an existing keyring, for the time to hea
 IDLE=${IDLE:-5}           # seconds a plugin idles before its idle resident set is read
 OUT=${OUT:-$PWD/kleidi-bench-results-$(date -u +%Y%m%dT%H%M%SZ)}
 BEFORE=${BEFORE:-}        # a commit whose kleidi-server runs beside the others, as kleidi-gpg-before
+RECIPIENTS=${RECIPIENTS:-} # comma-separated recipient counts for more gpg plugins, as kleidi-gpg-<n>recipients
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -149,6 +154,24 @@ start_kleidi() { # start_kleidi NAME PROVIDER-FLAGS...: start a plugin; took = m
 declare -A http_port=([kleidi-gpg]=$(free_port) [kleidi-tpm]=$(free_port) [kleidi-gpg-before]=$(free_port))
 declare -A flags=([kleidi-gpg]="--provider gpg" [kleidi-gpg-bare]="--provider gpg" [kleidi-tpm]="--provider tpm --tpm tcp://127.0.0.1:$tpm_port"
 	[kleidi-gpg-before]="--provider gpg")
+if [[ -n $RECIPIENTS ]]; then
+	# OpenPGP keys for the recipients (each init makes a development key pair in its own state directory): the
+	# plugin holds the first private key and wraps every KEK to the first n public keys.
+	IFS=, read -ra counts <<<"$RECIPIENTS"
+	most=$(printf '%s\n' "${counts[@]}" | sort -n | tail -1)
+	for ((i = 1; i <= most; i++)); do
+		"$bin/kleidi-server" init --provider gpg --state-dir "$work/recipient-$i" >/dev/null 2>&1
+	done
+	for n in "${counts[@]}"; do
+		name=kleidi-gpg-${n}recipients
+		plugins+=("$name")
+		http_port[$name]=$(free_port)
+		flags[$name]="--provider gpg --gpg-private-key $work/recipient-1/gpg/kleidi-development-key.asc"
+		for ((i = 1; i <= n; i++)); do
+			flags[$name]+=" --gpg-public-key $work/recipient-$i/gpg/kleidi-development-key.pub.asc"
+		done
+	done
+fi
 for name in "${plugins[@]}"; do
 	# shellcheck disable=SC2086 # flags are words
 	start_kleidi "$name" ${flags[$name]}

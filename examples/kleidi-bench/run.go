@@ -140,6 +140,9 @@ type Report struct {
 	Elapsed float64 `json:"elapsed_seconds"`
 	KeyID   string  `json:"key_id"`
 	Healthz string  `json:"healthz"`
+	// AnnotationBytes is the size of the annotations Encrypt returned (their keys and values), which every
+	// Decrypt request carries back; runs that call no Decrypt leave it 0.
+	AnnotationBytes int `json:"annotation_bytes,omitempty"`
 	// Results has one entry per method called, then "total" if there were several.
 	Results []MethodResult     `json:"results"`
 	Plugin  *Process           `json:"plugin,omitempty"`
@@ -223,6 +226,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 		if m == methodDecrypt {
 			if err := l.makeSeeds(ctx); err != nil {
 				return nil, err
+			}
+			for k, v := range l.seeds[0].annotations {
+				rep.AnnotationBytes += len(k) + len(v)
 			}
 			break
 		}
