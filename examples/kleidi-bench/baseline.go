@@ -25,6 +25,23 @@ const baselineKeyID = "kleidi-bench-baseline-aes-gcm"
 // validation, no metrics, no key rotation, no root of trust. It is what kleidi's figures are measured beside.
 type baselineService struct {
 	aead cipher.AEAD
+	// annotations, if not nil, are returned by every Encrypt, so every Decrypt carries them back: what a plugin
+	// whose ciphertexts are self-contained costs the client, beside the same least work.
+	annotations map[string][]byte
+}
+
+// annotationKey is the annotation of a baseline with annotations.
+const annotationKey = "annotation.kleidi-bench.dev"
+
+// withAnnotation makes s return one annotation of size bytes in all (its key and a random value).
+func (s *baselineService) withAnnotation(size int) error {
+	if size < len(annotationKey) {
+		return fmt.Errorf("annotation of %d bytes: at least %d, the key's length", size, len(annotationKey))
+	}
+	v := make([]byte, size-len(annotationKey))
+	rand.Read(v)
+	s.annotations = map[string][]byte{annotationKey: v}
+	return nil
 }
 
 var _ kmsservice.Service = (*baselineService)(nil)
@@ -47,7 +64,8 @@ func newBaselineService() (*baselineService, error) {
 func (s *baselineService) Encrypt(_ context.Context, _ string, plaintext []byte) (*kmsservice.EncryptResponse, error) {
 	nonce := make([]byte, s.aead.NonceSize(), s.aead.NonceSize()+len(plaintext)+s.aead.Overhead())
 	rand.Read(nonce)
-	return &kmsservice.EncryptResponse{Ciphertext: s.aead.Seal(nonce, nonce, plaintext, nil), KeyID: baselineKeyID}, nil
+	return &kmsservice.EncryptResponse{Ciphertext: s.aead.Seal(nonce, nonce, plaintext, nil), KeyID: baselineKeyID,
+		Annotations: s.annotations}, nil
 }
 
 // Decrypt opens a ciphertext made by Encrypt.
@@ -89,11 +107,17 @@ func listenUnix(path string) (net.Listener, error) {
 	return net.Listen("unix", path)
 }
 
-// serveBaseline serves the baseline plugin on l until ctx ends, then stops gracefully.
-func serveBaseline(ctx context.Context, l net.Listener, timeout time.Duration) error {
+// serveBaseline serves the baseline plugin on l until ctx ends, then stops gracefully. With annotationBytes > 0
+// every Encrypt returns an annotation of that many bytes (key and value).
+func serveBaseline(ctx context.Context, l net.Listener, timeout time.Duration, annotationBytes int) error {
 	svc, err := newBaselineService()
 	if err != nil {
 		return err
+	}
+	if annotationBytes > 0 {
+		if err := svc.withAnnotation(annotationBytes); err != nil {
+			return err
+		}
 	}
 	return serveService(ctx, l, timeout, svc)
 }

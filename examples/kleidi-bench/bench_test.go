@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -318,5 +319,55 @@ func TestBadUsage(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	if code := mainWithArgs(context.Background(), []string{"run", "--count", "1"}, &stdout, &stderr); code != 1 {
 		t.Errorf("kleidi-bench run without --endpoint = exit %d, want 1", code)
+	}
+}
+
+// TestAnnotatedBaseline runs Decrypt against a baseline whose Encrypt returns an annotation of 370 bytes: the
+// report says every Decrypt carried them, and the plain baseline's carried none.
+func TestAnnotatedBaseline(t *testing.T) {
+	annotated, err := newBaselineService()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := annotated.withAnnotation(370); err != nil {
+		t.Fatalf("withAnnotation(370) err = %v, want nil", err)
+	}
+	if err := annotated.withAnnotation(len(annotationKey) - 1); err == nil {
+		t.Errorf("withAnnotation(%d) err = nil, want an error: the key alone is longer", len(annotationKey)-1)
+	}
+	for _, c := range []struct {
+		name     string
+		endpoint string
+		want     int
+	}{{"plain", startBaseline(t), 0}, {"annotated", startService(t, annotated), 370}} {
+		var rep Report
+		runJSON(t, &rep, "run", "--endpoint", c.endpoint, "--method", "decrypt", "--concurrency", "2", "--count", "50", "--seeds", "2")
+		if rep.AnnotationBytes != c.want || rep.Results[0].Errors != 0 {
+			t.Errorf("%s baseline: annotation bytes %d, %d errors; want %d, 0", c.name, rep.AnnotationBytes, rep.Results[0].Errors, c.want)
+		}
+	}
+}
+
+// TestPairedRatio pins the paired throughput ratio: the geometric mean of the ratios of runs of the same
+// repetition, and a confidence interval that holds it and narrows as the ratios agree.
+func TestPairedRatio(t *testing.T) {
+	runs := func(tputs ...float64) []*Report {
+		var out []*Report
+		for _, x := range tputs {
+			out = append(out, &Report{Results: []MethodResult{{Method: "decrypt", Throughput: x}}})
+		}
+		return out
+	}
+	ref := runs(100, 200, 400)
+	mean, low, high := pairedRatio(runs(50, 200, 800), ref, "decrypt") // ratios 0.5, 1, 2
+	if math.Abs(mean-1) > 1e-9 || !(low < 0.5 && high > 2) {
+		t.Errorf("pairedRatio(0.5, 1, 2) = %v (%v to %v), want 1 inside an interval wider than 0.5 to 2", mean, low, high)
+	}
+	mean, low, high = pairedRatio(runs(90, 180, 360), ref, "decrypt") // 0.9 every time
+	if math.Abs(mean-0.9) > 1e-9 || math.Abs(low-0.9) > 1e-9 || math.Abs(high-0.9) > 1e-9 {
+		t.Errorf("pairedRatio(0.9, 0.9, 0.9) = %v (%v to %v), want 0.9 (0.9 to 0.9)", mean, low, high)
+	}
+	if mean, _, _ := pairedRatio(runs(90), runs(100), "decrypt"); mean != 0 {
+		t.Errorf("pairedRatio of one pair = %v, want 0 (no interval from one repetition)", mean)
 	}
 }

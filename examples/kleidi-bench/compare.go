@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -86,6 +87,15 @@ type EndpointCells struct {
 	// ThroughputRatio and P99Ratio compare the medians with those of the first endpoint.
 	ThroughputRatio float64 `json:"throughput_ratio"`
 	P99Ratio        float64 `json:"p99_ratio"`
+	// PairedRatio is the geometric mean over the repetitions of this endpoint's throughput divided by the first
+	// endpoint's in the same repetition (the runs next to each other in time), with its 95% confidence interval
+	// PairedLow to PairedHigh (Student's t; with 2 repetitions or more).
+	PairedRatio float64 `json:"paired_throughput_ratio,omitempty"`
+	PairedLow   float64 `json:"paired_throughput_ratio_low,omitempty"`
+	PairedHigh  float64 `json:"paired_throughput_ratio_high,omitempty"`
+	// ClientCPUPerCall is the median over the runs of the client's (this tool's) CPU time per call, in µs: what
+	// the endpoint's requests and responses cost the caller.
+	ClientCPUPerCall float64 `json:"median_client_cpu_per_call_us"`
 	// RSSMax is the largest resident set sampled during the runs, in KiB (0 without a PID).
 	RSSMax int64 `json:"rss_max_kib,omitempty"`
 	// CPUPerCall is the median over the runs of the plugin's CPU time per call, in µs (0 without a PID).
@@ -152,6 +162,9 @@ func Compare(ctx context.Context, cfg CompareConfig) (*Comparison, error) {
 				if ref.P99 > 0 {
 					e.P99Ratio = e.P99 / ref.P99
 				}
+				if i > 0 {
+					e.PairedRatio, e.PairedLow, e.PairedHigh = pairedRatio(e.Runs, ref.Runs, headline(m))
+				}
 			}
 			out.Cells = append(out.Cells, cell)
 		}
@@ -168,9 +181,10 @@ func headline(method string) string {
 }
 
 func (e *EndpointCells) summarize(result string) {
-	var tput, p50, p99, cpu []float64
+	var tput, p50, p99, cpu, client []float64
 	for _, r := range e.Runs {
 		m, _ := r.Result(result)
+		client = append(client, r.ClientCPUPerCall)
 		tput = append(tput, m.Throughput)
 		p50 = append(p50, m.P50)
 		p99 = append(p99, m.P99)
@@ -188,6 +202,44 @@ func (e *EndpointCells) summarize(result string) {
 		}
 	}
 	e.Throughput, e.P50, e.P99, e.CPUPerCall = median(tput), median(p50), median(p99), median(cpu)
+	e.ClientCPUPerCall = median(client)
+}
+
+// pairedRatio returns the geometric mean of the throughput ratios of runs to the reference runs of the same
+// repetition, and its 95% confidence interval; zeros with fewer than 2 pairs.
+func pairedRatio(runs, ref []*Report, result string) (mean, low, high float64) {
+	var logs []float64
+	for i := range min(len(runs), len(ref)) {
+		a, _ := runs[i].Result(result)
+		b, _ := ref[i].Result(result)
+		if a.Throughput > 0 && b.Throughput > 0 {
+			logs = append(logs, math.Log(a.Throughput/b.Throughput))
+		}
+	}
+	n := len(logs)
+	if n < 2 {
+		return 0, 0, 0
+	}
+	var sum, sq float64
+	for _, x := range logs {
+		sum += x
+	}
+	m := sum / float64(n)
+	for _, x := range logs {
+		sq += (x - m) * (x - m)
+	}
+	half := tQuantile95(n-1) * math.Sqrt(sq/float64(n-1)) / math.Sqrt(float64(n))
+	return math.Exp(m), math.Exp(m - half), math.Exp(m + half)
+}
+
+// tQuantile95 is the two-sided 95% quantile of Student's t distribution with df degrees of freedom.
+func tQuantile95(df int) float64 {
+	t := []float64{12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+		2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042}
+	if df >= 1 && df <= len(t) {
+		return t[df-1]
+	}
+	return 1.960
 }
 
 // writeComparison prints one table per cell: the medians of each endpoint, their ratio to the first, and the
@@ -198,7 +250,7 @@ func writeComparison(w io.Writer, c *Comparison) {
 	for _, cell := range c.Cells {
 		fmt.Fprintf(w, "\n%s, concurrency %d: median of %d alternating runs\n", cell.Method, cell.Concurrency, c.Repeat)
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "endpoint\treq/s\tp50\tp99\terrors\treq/s ratio\tp99 ratio\tmax RSS\tCPU/call\truns (req/s, p99, load)\t")
+		fmt.Fprintln(tw, "endpoint\treq/s\tp50\tp99\terrors\treq/s ratio\tpaired (95% CI)\tp99 ratio\tmax RSS\tCPU/call\tclient CPU/call\truns (req/s, p99, load)\t")
 		for _, e := range cell.Endpoints {
 			rss, cpu := "-", "-"
 			if e.RSSMax > 0 {
@@ -211,9 +263,13 @@ func writeComparison(w io.Writer, c *Comparison) {
 				runs = append(runs, fmt.Sprintf("%.0f %s %s", m.Throughput, formatMicros(m.P99),
 					strings.Fields(r.Machine.LoadAvg + " ?")[0]))
 			}
-			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%d\t%.2fx\t%.2fx\t%s\t%s\t%s\t\n", e.Name, e.Throughput,
-				formatMicros(e.P50), formatMicros(e.P99), e.Errors, e.ThroughputRatio, e.P99Ratio, rss, cpu,
-				strings.Join(runs, "; "))
+			paired := "-"
+			if e.PairedRatio > 0 {
+				paired = fmt.Sprintf("%.2fx (%.2f-%.2f)", e.PairedRatio, e.PairedLow, e.PairedHigh)
+			}
+			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%d\t%.2fx\t%s\t%.2fx\t%s\t%s\t%.1fµs\t%s\t\n", e.Name, e.Throughput,
+				formatMicros(e.P50), formatMicros(e.P99), e.Errors, e.ThroughputRatio, paired, e.P99Ratio, rss, cpu,
+				e.ClientCPUPerCall, strings.Join(runs, "; "))
 		}
 		tw.Flush()
 		for _, e := range cell.Endpoints {

@@ -15,6 +15,10 @@
 # recipients ("kleidi-gpg-3recipients", ...): the attached key of every ciphertext carries one encrypted session
 # key per recipient, so each Decrypt request grows with them.
 #
+# baseline-annotated is the baseline returning ANNOTATED bytes of annotation (default 370, gpg kleidi's attached
+# key and its annotation key) with every Encrypt, so every Decrypt carries them back: it shows what self-contained
+# ciphertexts cost the client and the transport, apart from anything kleidi does.
+#
 # Results go to $OUT (default ./kleidi-bench-results-<time>): compare.txt and compare.json (every run), and
 # summary.txt (machine, time to healthy, resident set). Needs go and swtpm (installed with apt-get when
 # missing and running as root).
@@ -30,6 +34,7 @@ IDLE=${IDLE:-5}           # seconds a plugin idles before its idle resident set 
 OUT=${OUT:-$PWD/kleidi-bench-results-$(date -u +%Y%m%dT%H%M%SZ)}
 BEFORE=${BEFORE:-}        # a commit whose kleidi-server runs beside the others, as kleidi-gpg-before
 RECIPIENTS=${RECIPIENTS:-} # comma-separated recipient counts for more gpg plugins, as kleidi-gpg-<n>recipients
+ANNOTATED=${ANNOTATED:-370} # bytes of annotation a second baseline returns with every Encrypt (0: no such baseline)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -129,6 +134,14 @@ log "swtpm on 127.0.0.1:$tpm_port"
 "$bin/kleidi-bench" baseline --listen "unix://$work/baseline.sock" 2>"$OUT/baseline.log" &
 pid[baseline]=$!
 wait_healthy "$work/baseline.sock"
+baselines=(baseline)
+if ((ANNOTATED > 0)); then
+	"$bin/kleidi-bench" baseline --listen "unix://$work/baseline-annotated.sock" --annotation-bytes "$ANNOTATED" \
+		2>"$OUT/baseline-annotated.log" &
+	pid[baseline-annotated]=$!
+	wait_healthy "$work/baseline-annotated.sock"
+	baselines+=(baseline-annotated)
+fi
 
 start_kleidi() { # start_kleidi NAME PROVIDER-FLAGS...: start a plugin; took = ms from start to healthy
 	local name=$1
@@ -190,7 +203,7 @@ for name in "${plugins[@]}"; do
 done
 
 sleep "$IDLE"
-for name in baseline "${plugins[@]}"; do
+for name in "${baselines[@]}" "${plugins[@]}"; do
 	echo "$name: idle VmRSS $(vm "${pid[$name]}" VmRSS) KiB after ${IDLE}s idle" | tee -a "$summary" >&2
 done
 
@@ -206,7 +219,10 @@ done
 metrics+=(--metrics-match "${METRICS_MATCH:-kleidi_provider_operations_total}")
 
 log "comparing: $METHODS at concurrency $CONCURRENCY, $REPEAT x $DURATION per endpoint and cell"
-targets=(--endpoint "baseline=unix://$work/baseline.sock" --pid "baseline=${pid[baseline]}")
+targets=()
+for name in "${baselines[@]}"; do
+	targets+=(--endpoint "$name=unix://$work/$name.sock" --pid "$name=${pid[$name]}")
+done
 for name in "${plugins[@]}"; do
 	targets+=(--endpoint "$name=unix://$work/$name.sock" --pid "$name=${pid[$name]}")
 done
@@ -214,7 +230,7 @@ done
 	--method "$METHODS" --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" --repeat "$REPEAT" \
 	--json-out "$OUT/compare.json" | tee "$OUT/compare.txt"
 
-for name in baseline "${plugins[@]}"; do
+for name in "${baselines[@]}" "${plugins[@]}"; do
 	echo "$name: after the load VmRSS $(vm "${pid[$name]}" VmRSS) KiB, VmHWM (peak since start) $(vm "${pid[$name]}" VmHWM) KiB" | tee -a "$summary" >&2
 done
 echo "machine at end: $(machine)" >>"$summary"

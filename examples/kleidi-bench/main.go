@@ -263,6 +263,7 @@ func baselineCommand(ctx context.Context, args []string, stderr io.Writer) error
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "", "the socket to serve on, unix:///path.sock")
 	timeout := fs.Duration("timeout", 3*time.Second, "the gRPC server's connection timeout")
+	annotationBytes := fs.Int("annotation-bytes", 0, "return an annotation of this many `bytes` (key and value) with every Encrypt, as a plugin with self-contained ciphertexts does; 0: none")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -276,5 +277,5 @@ func baselineCommand(ctx context.Context, args []string, stderr io.Writer) error
 	}
 	defer os.Remove(path)
 	fmt.Fprintf(stderr, "kleidi-bench baseline: serving KMS v2 on unix://%s (pid %d), key_id %s\n", path, os.Getpid(), baselineKeyID)
-	return serveBaseline(ctx, l, *timeout)
+	return serveBaseline(ctx, l, *timeout, *annotationBytes)
 }

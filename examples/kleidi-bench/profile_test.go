@@ -84,7 +84,7 @@ func startBenchPlugin(b *testing.B, plugin string) string {
 	done := make(chan error, 1)
 	switch plugin {
 	case "baseline":
-		go func() { done <- serveBaseline(ctx, l, 3*time.Second) }()
+		go func() { done <- serveBaseline(ctx, l, 3*time.Second, 0) }()
 	case "kleidi-gpg", "kleidi-gpg-metrics", "kleidi-gpg-operator":
 		cfg, err := gpg.GenerateDevelopmentKey(filepath.Join(dir, "gpg"))
 		if err != nil {
