@@ -131,17 +131,17 @@ pid[swtpm]=$!
 until (exec 3<>"/dev/tcp/127.0.0.1/$tpm_port") 2>/dev/null; do sleep 0.05; done
 log "swtpm on 127.0.0.1:$tpm_port"
 
-"$bin/kleidi-bench" baseline --listen "unix://$work/baseline.sock" 2>"$OUT/baseline.log" &
-pid[baseline]=$!
-wait_healthy "$work/baseline.sock"
-baselines=(baseline)
-if ((ANNOTATED > 0)); then
-	"$bin/kleidi-bench" baseline --listen "unix://$work/baseline-annotated.sock" --annotation-bytes "$ANNOTATED" \
-		2>"$OUT/baseline-annotated.log" &
-	pid[baseline-annotated]=$!
-	wait_healthy "$work/baseline-annotated.sock"
-	baselines+=(baseline-annotated)
-fi
+baselines=()
+start_baseline() { # start_baseline NAME FLAGS...: start a baseline plugin on $work/NAME.sock
+	local name=$1
+	shift
+	"$bin/kleidi-bench" baseline --listen "unix://$work/$name.sock" "$@" 2>"$OUT/$name.log" &
+	pid[$name]=$!
+	wait_healthy "$work/$name.sock"
+	baselines+=("$name")
+}
+start_baseline baseline
+((ANNOTATED == 0)) || start_baseline baseline-annotated --annotation-bytes "$ANNOTATED"
 
 start_kleidi() { # start_kleidi NAME PROVIDER-FLAGS...: start a plugin; took = ms from start to healthy
 	local name=$1

@@ -171,8 +171,10 @@ func (r *Reconciler) available(kn *kleidiv1.KleidiNode, now time.Time) (bool, st
 func (r *Reconciler) observe(plugin *kleidiv1.KleidiPlugin, nodes []*kleidiv1.KleidiNode) *state {
 	st := &state{now: r.now(), nodes: nodes}
 	st.counts.Total = int32(len(nodes))
+	isApproved := make(map[string]bool, len(nodes))
 	for _, kn := range nodes {
 		approved := kn.Spec.ApprovedMemberID
+		isApproved[approved] = true
 		if approved == "" {
 			if kn.Status.MemberID != "" {
 				st.awaitingApproval = append(st.awaitingApproval, kn.Name)
@@ -203,12 +205,8 @@ func (r *Reconciler) observe(plugin *kleidiv1.KleidiPlugin, nodes []*kleidiv1.Kl
 			st.outOfSync = append(st.outOfSync, kn.Name)
 		}
 	}
-	approved := make(map[string]bool, len(nodes))
-	for _, kn := range nodes {
-		approved[kn.Spec.ApprovedMemberID] = true
-	}
 	for _, m := range plugin.Status.Members {
-		if !approved[m] && strings.HasPrefix(m, string(plugin.Spec.Provider)+"-") {
+		if !isApproved[m] && strings.HasPrefix(m, string(plugin.Spec.Provider)+"-") {
 			st.leaving = append(st.leaving, m)
 		}
 	}
